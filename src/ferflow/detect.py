@@ -1,0 +1,59 @@
+"""Face detectors behind one interface: ``detector(frames) -> list of (N, 5) arrays``.
+
+Each returned array holds ``x0, y0, x1, y1, score`` in pixels of the frame it was given.
+``haar`` is OpenCV's offline frontal-face cascade (used by the demo and the tests);
+``retinaface`` (see :mod:`ferflow.retinaface`) is the detector for real data.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import cv2
+import numpy as np
+
+
+class Detector(Protocol):
+    name: str
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class HaarDetector:
+    """OpenCV's ``haarcascade_frontalface_default.xml``; offline, about 60 ms per 640x480 frame.
+
+    Haar gives no confidence; the score is the detection's number of neighbours (its
+    ``levelWeights``) squashed to (0, 1) so that the largest-and-most-certain face can be chosen.
+    """
+
+    name = "haar"
+
+    def __init__(self, detect_size: int = 640, min_neighbors: int = 5, scale_factor: float = 1.1):
+        path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+        self.cascade = cv2.CascadeClassifier(path)
+        if self.cascade.empty():
+            raise RuntimeError(f"cannot load the OpenCV Haar cascade {path} (OpenCV >= 5 ships none; install opencv 4.x)")
+        self.detect_size = detect_size
+        self.min_neighbors = min_neighbors
+        self.scale_factor = scale_factor
+
+    def __call__(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [self._one(f) for f in frames]
+
+    def _one(self, frame: np.ndarray) -> np.ndarray:
+        h, w = frame.shape[:2]
+        scale = min(1.0, self.detect_size / max(h, w))
+        img = frame if scale == 1.0 else cv2.resize(frame, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img
+        min_side = max(20, int(0.08 * min(gray.shape[:2])))
+        boxes, _, weights = self.cascade.detectMultiScale3(
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+            minSize=(min_side, min_side), outputRejectLevels=True,
+        )
+        if len(boxes) == 0:
+            return np.zeros((0, 5), np.float32)
+        boxes = np.asarray(boxes, np.float32) / scale
+        weights = np.asarray(weights, np.float32).reshape(-1)
+        score = 1.0 / (1.0 + np.exp(-weights))  # levelWeights are unbounded; map to (0, 1)
+        out = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4], score[:, None]], axis=1)
+        return out.astype(np.float32)

@@ -1,0 +1,137 @@
+"""File contracts between stages: the columns and dtypes of every parquet the pipeline writes.
+
+Each table is written once through :func:`write_table` and read through :func:`read_table`, which
+check the columns and dtypes and name the file when they do not match.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from .atomic import atomic_path
+
+Schema = dict[str, pl.DataType]
+
+#: One row per annotated frame (videos) or annotated image (image datasets).
+MANIFEST: Schema = {
+    "source": pl.String,  # source name from config
+    "split": pl.String,  # train | validation | test
+    "unit": pl.String,  # extraction unit: video file stem, or chunk id for image sources
+    "video": pl.String,  # annotation name (e.g. "10-60-1280x720_left"); chunk id for images
+    "frame": pl.Int64,  # 0-based frame index in the video; row index within an image chunk
+    "person": pl.String,  # "", "left" or "right"
+    "path": pl.String,  # video file or image file
+    "expression": pl.Int8,  # ABAW class index, null when absent/invalid
+    "valence": pl.Float32,  # null when absent/invalid
+    "arousal": pl.Float32,
+    "box_x0": pl.Float32,  # given face box in pixels (image datasets), else null
+    "box_y0": pl.Float32,
+    "box_x1": pl.Float32,
+    "box_y1": pl.Float32,
+    "drop": pl.String,  # reason found while indexing (unannotated, invalid_value, ...), else null
+}
+
+#: One row per (person, frame) of an extraction unit.
+FACES: Schema = {
+    "video": pl.String,  # annotation name, as in MANIFEST.video
+    "frame": pl.Int64,
+    "status": pl.String,  # detected | interpolated | provided | missing | unreadable
+    "x0": pl.Float32,
+    "y0": pl.Float32,
+    "x1": pl.Float32,
+    "y1": pl.Float32,
+    "score": pl.Float32,
+    "member": pl.String,  # name of the crop inside the unit's tar, null when no crop
+    "n_frames": pl.Int64,  # decoded frames of the video (images: rows of the chunk)
+}
+
+#: One row per sample written to a shard; the single source of truth for labels.
+LABELS: Schema = {
+    "key": pl.String,  # WebDataset __key__, unique
+    "split": pl.String,
+    "source": pl.String,
+    "video": pl.String,
+    "frame": pl.Int64,
+    "expression": pl.Int8,
+    "valence": pl.Float32,
+    "arousal": pl.Float32,
+    "shard": pl.String,  # shard path relative to the shard directory
+}
+
+#: One row per manifest row: where it ended, with its labels (the evaluation's ground truth).
+ACCOUNTING: Schema = {
+    "source": pl.String,
+    "split": pl.String,
+    "video": pl.String,
+    "frame": pl.Int64,
+    "expression": pl.Int8,
+    "valence": pl.Float32,
+    "arousal": pl.Float32,
+    "status": pl.String,  # written | dropped
+    "reason": pl.String,  # null when written, else one of DROP_REASONS
+    "key": pl.String,  # shard sample key when written, else null
+}
+
+#: One row per predicted frame of one variant (or of the ensemble).
+PREDICTIONS: Schema = {
+    "split": pl.String,
+    "source": pl.String,
+    "video": pl.String,
+    "frame": pl.Int64,
+    **{f"p{i}": pl.Float32 for i in range(8)},  # class probabilities in ABAW order
+    "valence": pl.Float32,
+    "arousal": pl.Float32,
+}
+
+DROP_REASONS = (
+    "unannotated",
+    "invalid_value",
+    "unmapped_label",
+    "beyond_video_end",
+    "no_face",
+    "unreadable_image",
+    "bad_box",
+    "duplicate",
+)
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def conform(df: pl.DataFrame, schema: Schema, where: str) -> pl.DataFrame:
+    """Select and cast ``df`` to ``schema``; missing columns are an error naming ``where``."""
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{where}: missing columns {missing}; expected {list(schema)}")
+    try:
+        return df.select([pl.col(c).cast(t, strict=True) for c, t in schema.items()])
+    except Exception as exc:  # polars raises several types for failed casts
+        raise SchemaError(f"{where}: cannot cast to the expected dtypes: {exc}") from exc
+
+
+def empty(schema: Schema) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)
+
+
+def write_table(df: pl.DataFrame, path: str | os.PathLike, schema: Schema) -> None:
+    """Check ``df`` against ``schema`` and write it atomically as parquet."""
+    df = conform(df, schema, str(path))
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp)
+
+
+def read_table(path: str | os.PathLike, schema: Schema) -> pl.DataFrame:
+    """Read a parquet written by :func:`write_table`, checking its columns and dtypes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such table")
+    df = pl.read_parquet(path)
+    wrong = {c: str(df.schema[c]) for c, t in schema.items() if c in df.columns and df.schema[c] != t}
+    missing = [c for c in schema if c not in df.columns]
+    if missing or wrong:
+        raise SchemaError(f"{path}: table does not match its schema (missing {missing}, wrong dtypes {wrong})")
+    return df.select(list(schema))
