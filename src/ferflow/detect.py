@@ -1,6 +1,8 @@
 """Face detectors behind one interface: ``detector(frames) -> list of (N, 5) arrays``.
 
-Each returned array holds ``x0, y0, x1, y1, score`` in pixels of the frame it was given.
+Each returned array has shape (N, 15): ``x0, y0, x1, y1, score`` then five landmarks
+``(x, y)`` (left eye, right eye, nose, left mouth corner, right mouth corner), all in pixels of the
+frame it was given; landmarks are NaN for detectors that give none.
 ``haar`` is OpenCV's offline frontal-face cascade (used by the demo and the tests);
 ``retinaface`` (see :mod:`ferflow.retinaface`) is the detector for real data.
 """
@@ -51,9 +53,10 @@ class HaarDetector:
             minSize=(min_side, min_side), outputRejectLevels=True,
         )
         if len(boxes) == 0:
-            return np.zeros((0, 5), np.float32)
+            return np.zeros((0, 15), np.float32)
         boxes = np.asarray(boxes, np.float32) / scale
         weights = np.asarray(weights, np.float32).reshape(-1)
         score = 1.0 / (1.0 + np.exp(-weights))  # levelWeights are unbounded; map to (0, 1)
-        out = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4], score[:, None]], axis=1)
+        landmarks = np.full((len(boxes), 10), np.nan, np.float32)
+        out = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4], score[:, None], landmarks], axis=1)
         return out.astype(np.float32)
