@@ -38,7 +38,7 @@ MANIFEST: Schema = {
 FACES: Schema = {
     "video": pl.String,  # annotation name, as in MANIFEST.video
     "frame": pl.Int64,
-    "status": pl.String,  # detected | interpolated | provided | missing | unreadable
+    "status": pl.String,  # detected | interpolated | provided | missing | unreadable | bad_box
     "x0": pl.Float32,
     "y0": pl.Float32,
     "x1": pl.Float32,
@@ -88,10 +88,12 @@ PREDICTIONS: Schema = {
 
 DROP_REASONS = (
     "unannotated",
+    "no_video",
     "invalid_value",
     "unmapped_label",
     "beyond_video_end",
     "no_face",
+    "unreadable_video",
     "unreadable_image",
     "bad_box",
     "duplicate",

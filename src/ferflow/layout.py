@@ -1,0 +1,119 @@
+"""What a source holds on disk, listed without reading it: the extraction units of each source.
+
+Used by the workflow at parse time (to build the DAG) and by the index stage, so that both agree
+on which annotation belongs to which video file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
+AFFWILD2_TASK_DIRS = {"expr": "EXPR_Classification_Challenge", "va": "VA_Estimation_Challenge"}
+AFFWILD2_SPLIT_DIRS = {"Train_Set": "train", "Validation_Set": "validation"}
+PERSON_SUFFIXES = ("_left", "_right")
+
+
+@dataclass
+class Annotation:
+    """One annotation name (a person in a video) with its files per task and its split."""
+
+    name: str
+    person: str  # "", "left" or "right"
+    split: str
+    files: dict[str, str] = field(default_factory=dict)  # task -> annotation txt
+
+
+@dataclass
+class VideoUnit:
+    """One video file and the annotated people in it: one extraction job."""
+
+    unit: str  # video file stem
+    video_path: str | None  # None when no video file was found (counted as no_video)
+    annotations: list[Annotation] = field(default_factory=list)
+
+    @property
+    def persons(self) -> list[str]:
+        return sorted({a.person for a in self.annotations})
+
+
+def find_videos(folder: str | os.PathLike, listing: list[str] | None = None) -> dict[str, str]:
+    """Map video stem -> path for every video file under ``folder`` (recursive).
+
+    ``listing`` (paths of files that will exist, e.g. the demo plan) replaces the disk walk.
+    Two files with the same stem are an error: annotation names could not tell them apart.
+    """
+    found: dict[str, str] = {}
+    folder = Path(folder)
+    if listing is not None:
+        prefix = str(folder) + os.sep
+        paths = sorted(p for p in listing if p.startswith(prefix))
+    else:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"video folder {folder} does not exist")
+        paths = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in sorted(files)]
+    for path in paths:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        if ext.lower() in VIDEO_EXTENSIONS:
+            if stem in found:
+                raise ValueError(f"two videos named {stem!r}: {found[stem]} and {path}")
+            found[stem] = path
+    return found
+
+
+def _list_txt(folder: Path, listing: list[str] | None) -> list[str]:
+    if listing is not None:
+        prefix = str(folder) + os.sep
+        return sorted(p[len(prefix):] for p in listing if p.startswith(prefix) and os.sep not in p[len(prefix):])
+    return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = None,
+                   splits: dict[str, str] | None = None, tasks=("expr", "va"),
+                   listing: list[str] | None = None) -> list[VideoUnit]:
+    """List Aff-Wild2 annotation files and pair each with its video file.
+
+    ``<video>_left`` / ``<video>_right`` annotations refer to ``<video>.<ext>`` unless a video named
+    with the suffix itself exists. ``listing`` replaces the disk (see :func:`find_videos`).
+    """
+    root = Path(root)
+    splits = splits or AFFWILD2_SPLIT_DIRS
+    video_files = find_videos(videos if videos is not None else root / "videos", listing)
+    annotations: dict[tuple[str, str], Annotation] = {}
+    for task in tasks:
+        task_dir = root / AFFWILD2_TASK_DIRS[task]
+        for native, split in splits.items():
+            d = task_dir / native
+            for f in _list_txt(d, listing):
+                if not f.endswith(".txt"):
+                    continue
+                name = f[: -len(".txt")]
+                key = (split, name)
+                if key not in annotations:
+                    annotations[key] = Annotation(name=name, person="", split=split)
+                annotations[key].files[task] = str(d / f)
+    units: dict[str, VideoUnit] = {}
+    for (split, name), ann in sorted(annotations.items()):
+        unit = name
+        if name not in video_files:
+            for suffix in PERSON_SUFFIXES:
+                if name.endswith(suffix) and name[: -len(suffix)] in video_files:
+                    unit = name[: -len(suffix)]
+                    ann.person = suffix[1:]
+        if unit not in units:
+            units[unit] = VideoUnit(unit=unit, video_path=video_files.get(unit))
+        units[unit].annotations.append(ann)
+    return [units[u] for u in sorted(units)]
+
+
+def chunk_of(relative_path: str, chunks: int) -> str:
+    """Stable chunk id of an image (independent of listing order and of Python's hash seed)."""
+    h = int.from_bytes(hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).digest(), "big")
+    return f"chunk{h % chunks:03d}"
+
+
+def image_units(chunks: int) -> list[str]:
+    return [f"chunk{i:03d}" for i in range(chunks)]

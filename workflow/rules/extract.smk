@@ -1,0 +1,58 @@
+# Face crops: one job per video (detection) or per chunk of an image source (given boxes).
+VIDEO_SOURCES = [n for n, s in SOURCES.items() if s["kind"] in VIDEO_KINDS]
+IMAGE_SOURCES = [n for n, s in SOURCES.items() if s["kind"] in IMAGE_KINDS]
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+rule extract_video_faces:
+    input:
+        video=video_path,
+    output:
+        tar=f"{RESULTS}/faces/{{source}}/{{unit}}.tar",
+        table=f"{RESULTS}/faces/{{source}}/{{unit}}.parquet",
+    wildcard_constraints:
+        source=_alternatives(VIDEO_SOURCES),
+    params:
+        persons=person_args,
+        settings=extract_settings(),
+        code=code_version("extract"),
+    log:
+        "logs/extract_video_faces/{source}/{unit}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=uses_gpu_detector(),
+    conda:
+        "../../envs/ferflow.yaml"
+    shell:
+        "python -m ferflow.extract video --video {input.video:q} {params.persons}"
+        " --settings {params.settings:q} --out-tar {output.tar:q} --out-table {output.table:q} > {log:q} 2>&1"
+
+
+rule extract_image_faces:
+    input:
+        manifest=f"{RESULTS}/manifest/{{source}}.parquet",
+    output:
+        tar=f"{RESULTS}/faces/{{source}}/{{unit}}.tar",
+        table=f"{RESULTS}/faces/{{source}}/{{unit}}.parquet",
+    wildcard_constraints:
+        source=_alternatives(IMAGE_SOURCES),
+        unit=r"chunk\d{3}",
+    params:
+        settings=extract_settings(),
+        code=code_version("extract"),
+    log:
+        "logs/extract_image_faces/{source}/{unit}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../../envs/ferflow.yaml"
+    shell:
+        "python -m ferflow.extract images --manifest {input.manifest:q} --unit {wildcards.unit:q}"
+        " --settings {params.settings:q} --out-tar {output.tar:q} --out-table {output.table:q} > {log:q} 2>&1"

@@ -1,0 +1,19 @@
+# One manifest per source: every annotated frame/image, labels mapped to the ABAW space.
+rule index_source:
+    input:
+        index_inputs,
+    output:
+        f"{RESULTS}/manifest/{{source}}.parquet",
+    params:
+        source=lambda wc: as_json(SOURCES[wc.source]),
+        code=code_version("index"),
+    log:
+        "logs/index_source/{source}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../../envs/ferflow.yaml"
+    shell:
+        "python -m ferflow.index --source {params.source:q} --out {output:q} > {log:q} 2>&1"

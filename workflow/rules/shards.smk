@@ -1,0 +1,27 @@
+# WebDataset shards per split, labels.parquet, and the accounting of every annotated frame.
+rule write_shards:
+    input:
+        manifests=expand(f"{RESULTS}/manifest/{{source}}.parquet", source=list(SOURCES)),
+        tables=faces_tables(),
+        tars=faces_tars(),
+    output:
+        shards=directory(f"{RESULTS}/shards"),
+        accounting=f"{RESULTS}/accounting.parquet",
+        summary=f"{RESULTS}/accounting.txt",
+    params:
+        samples_per_shard=config["shards"]["samples_per_shard"],
+        seed=config["shards"]["seed"],
+        code=code_version("shards"),
+    log:
+        "logs/write_shards/write_shards.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../../envs/ferflow.yaml"
+    shell:
+        "python -m ferflow.shards --manifest {input.manifests:q} --faces {input.tables:q}"
+        " --out {output.shards:q} --accounting {output.accounting:q}"
+        " --samples-per-shard {params.samples_per_shard} --seed {params.seed}"
+        " --summary {output.summary:q} > {log:q} 2>&1"
