@@ -1,0 +1,118 @@
+"""Readers of the native annotation formats, on files written here in those formats."""
+
+import json
+
+import polars as pl
+import pytest
+
+from ferflow import index, layout
+from ferflow.labels import EXPR_HEADER, VA_HEADER
+from ferflow.schemas import MANIFEST, read_table
+
+
+def write(path, text, mode="w", encoding="utf-8"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode, encoding=encoding, newline="") as fh:
+        fh.write(text)
+    return path
+
+
+@pytest.fixture
+def affwild2(tmp_path):
+    root = tmp_path / "aw"
+    (root / "videos").mkdir(parents=True)
+    for v in ("vidA.mp4", "pair.avi"):
+        (root / "videos" / v).write_bytes(b"")  # indexing pairs names; it never decodes
+    e = root / "EXPR_Classification_Challenge"
+    va = root / "VA_Estimation_Challenge"
+    write(e / "Train_Set" / "vidA.txt", EXPR_HEADER + "\n0\n4\n-1\n9\nx\n7\n")
+    write(va / "Train_Set" / "vidA.txt", VA_HEADER + "\n0.5,0.1\n-5,-5\n-5,-5\n0.2,0.3\nnan,0.1\n1.5,0\n0.1,0.1\n")
+    # Windows line endings and a byte-order mark, two-person files
+    write(e / "Validation_Set" / "pair_left.txt", "\ufeff" + EXPR_HEADER + "\r\n1\r\n2\r\n", encoding="utf-8")
+    write(e / "Validation_Set" / "pair_right.txt", EXPR_HEADER + "\n3\n")
+    return root
+
+
+def test_affwild2_rows_labels_and_reasons(affwild2):
+    src = {"name": "aw", "kind": "affwild2", "root": str(affwild2)}
+    df = index.index_source(src)
+    a = df.filter(pl.col("video") == "vidA").sort("frame")
+    # EXPR has 6 frames, VA has 7: the longer file defines the frames; merge is per frame
+    assert a["frame"].to_list() == list(range(7))
+    assert a["expression"].to_list() == [0, 4, None, None, None, 7, None]
+    assert a["valence"].to_list()[0] == pytest.approx(0.5)
+    assert a["valence"].to_list()[1:3] == [None, None]
+    assert a["valence"].to_list()[3] == pytest.approx(0.2)
+    # frame 2: EXPR -1 and VA -5 -> unannotated; frame 4: 'x' and nan -> invalid_value
+    assert a["drop"].to_list() == [None, None, "unannotated", None, "invalid_value", None, None]
+    pair = df.filter(pl.col("unit") == "pair").sort("video", "frame")
+    assert pair["video"].to_list() == ["pair_left", "pair_left", "pair_right"]
+    assert pair["person"].to_list() == ["left", "left", "right"]
+    assert pair["expression"].to_list() == [1, 2, 3]
+    assert set(pair["split"]) == {"validation"}
+    assert pair["path"][0].endswith("pair.avi")
+
+
+def test_affwild2_wrong_header_and_empty_file_name_the_file(affwild2):
+    bad = write(affwild2 / "EXPR_Classification_Challenge" / "Train_Set" / "vidA.txt", "Neutral,Angry\n0\n")
+    with pytest.raises(index.AnnotationError, match=r"vidA\.txt: wrong header"):
+        index.index_source({"name": "aw", "kind": "affwild2", "root": str(affwild2)})
+    bad.write_text("")
+    with pytest.raises(index.AnnotationError, match=r"vidA\.txt: empty annotation file"):
+        index.index_source({"name": "aw", "kind": "affwild2", "root": str(affwild2)})
+
+
+def test_annotation_without_video_is_counted_not_lost(affwild2):
+    write(affwild2 / "EXPR_Classification_Challenge" / "Train_Set" / "ghost_left.txt", EXPR_HEADER + "\n1\n1\n")
+    df = index.index_source({"name": "aw", "kind": "affwild2", "root": str(affwild2)})
+    ghost = df.filter(pl.col("video") == "ghost_left")
+    assert ghost.height == 2 and set(ghost["drop"]) == {"no_video"}
+
+
+def test_layout_listing_matches_disk(affwild2):
+    from_disk = layout.affwild2_units(affwild2)
+    listing = [str(p) for p in affwild2.rglob("*") if p.is_file()]
+    from_listing = layout.affwild2_units(affwild2, listing=listing)
+    assert [(u.unit, u.video_path, [(a.name, a.person, a.split) for a in u.annotations]) for u in from_disk] == \
+           [(u.unit, u.video_path, [(a.name, a.person, a.split) for a in u.annotations]) for u in from_listing]
+    assert [u.unit for u in from_disk] == ["pair", "vidA"]
+    assert from_disk[0].persons == ["left", "right"]
+
+
+def test_affectnet_csv_label_map_and_invalid(tmp_path):
+    root = tmp_path / "an"
+    header = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+    rows = [
+        "1/a.jpg,10,20,30,40,,1,0.5,0.2",   # Happiness
+        "1/b.jpg,0,0,10,10,,7,0.1,0.1",     # Contempt -> Other
+        "2/c.jpg,0,0,10,10,,8,0.3,0.3",     # None: unmapped expression but valid VA -> usable for VA
+        "2/d.jpg,0,0,10,10,,9,-2,-2",       # Uncertain and VA invalid -> unmapped_label
+        "2/e.jpg,0,0,10,10,,6,-2,-2",       # Anger, VA invalid -> expression only
+    ]
+    write(root / "Manually_Annotated_file_lists" / "training.csv", header + "\n".join(rows) + "\n")
+    src = {"name": "an", "kind": "affectnet", "root": str(root), "splits": {"training": "train"}, "chunks": 2,
+           "label_map": index.DEFAULT_LABEL_MAPS["affectnet"]}
+    df = index.index_source(src).sort("path")
+    assert df["expression"].to_list() == [4, 7, None, None, 1]
+    assert df["drop"].to_list() == [None, None, None, "unmapped_label", None]
+    assert df["valence"].to_list()[2] == pytest.approx(0.3)
+    assert df["valence"].to_list()[4] is None
+    assert (df["box_x0"][0], df["box_y0"][0], df["box_x1"][0], df["box_y1"][0]) == (10, 20, 40, 60)
+    assert set(df["unit"]) <= {"chunk000", "chunk001"}
+    # frames are unique within a chunk
+    assert df.group_by("unit", "frame").len()["len"].max() == 1
+
+
+def test_expw_and_cli_writes_checked_manifest(tmp_path):
+    root = tmp_path / "expw"
+    write(root / "label" / "label.lst", "x.jpg 0 5 6 50 60 0.9 3\nx.jpg 1 1 2 20 30 0.8 6\ny.jpg 0 0 0 9 9 0.5 11\n")
+    out = tmp_path / "m.parquet"
+    src = {"name": "expw", "kind": "expw", "root": str(root), "split": "train", "chunks": 1}
+    assert index.main(["--source", json.dumps(src), "--out", str(out)]) == 0
+    df = read_table(out, MANIFEST).sort("frame")
+    assert df["expression"].to_list() == [4, 0, None]   # happy -> Happiness(4), neutral -> Neutral(0)
+    assert df["drop"].to_list() == [None, None, "unmapped_label"]
+    assert (df["box_x0"][0], df["box_y0"][0], df["box_x1"][0], df["box_y1"][0]) == (6, 5, 50, 60)
+    write(root / "label" / "label.lst", "x.jpg 0 5 6 50\n")
+    with pytest.raises(index.AnnotationError, match=r"label\.lst:1: expected 8 fields"):
+        index.index_source(src)
