@@ -11,26 +11,28 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	# retinaface-pytorch 0.0.8 pins torch==1.9.0; its network code runs on current torch.
 	$(BIN)/pip install --quiet --no-deps 'retinaface-pytorch==0.0.8'
 	touch $(STAMP)
 
+# The rules call `python -m ferflow.<stage>`: the venv's python must come first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES)
+	snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/snakemake --lint
+	snakemake --lint
 
 report: $(STAMP)
-	$(BIN)/snakemake --report report.html
+	snakemake --report report.html
 
 clean:
 	rm -rf results logs demo_data .snakemake report.html
