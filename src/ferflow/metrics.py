@@ -54,3 +54,25 @@ def ccc(x, y) -> float:
     if denom == 0:
         return 1.0 if np.array_equal(x, y) else 0.0
     return float(2 * cov / denom)
+
+
+def accuracy(y_true, y_pred) -> float:
+    """Fraction of frames whose predicted class equals the true one (NaN when there are none)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"shape mismatch: {y_true.shape} vs {y_pred.shape}")
+    if y_true.size == 0:
+        return float("nan")
+    return float((y_true == y_pred).mean())
+
+
+def va_ccc(va_true, va_pred) -> tuple[float, float, float]:
+    """CCC of valence (column 0) and arousal (column 1) and their mean, the ABAW VA score."""
+    va_true = np.asarray(va_true)
+    va_pred = np.asarray(va_pred)
+    if va_true.ndim != 2 or va_true.shape[1] != 2 or va_true.shape != va_pred.shape:
+        raise ValueError(f"expected two (N, 2) arrays, got {va_true.shape} and {va_pred.shape}")
+    c_v = ccc(va_true[:, 0], va_pred[:, 0])
+    c_a = ccc(va_true[:, 1], va_pred[:, 1])
+    return c_v, c_a, (c_v + c_a) / 2

@@ -1,0 +1,749 @@
+"""Stage 6, ``evaluate_ensemble``: fill, vote, smooth and score the variants' predictions.
+
+``python -m ferflow.evaluate --predictions a=results/predictions/a/validation.parquet
+b=results/predictions/b/validation.parquet --accounting results/accounting.parquet
+--split validation --smoothing auto --out-dir results/evaluation``
+
+Ground truth
+    The ACCOUNTING rows of the split that are either ``written`` (a face crop exists) or dropped
+    for ``no_face``: ABAW scores every frame of a video, including those where no face was
+    found. Rows dropped for any other reason (beyond the video's end, unannotated, invalid value,
+    unmapped label, ...) are not scored. A frame's expression is scored where it is not null; its
+    valence/arousal where both are not null (Aff-Wild2's -5 markers were nulled upstream).
+
+Filling
+    Each variant predicts only the frames that had a face. For every ground-truth frame without a
+    prediction, its class probabilities and VA are interpolated linearly, by frame number, between
+    the nearest predicted frames of the same (source, video) before and after it (any predicted
+    frame counts, scored or not); before the first and after the last predicted frame the nearest
+    value is copied. A video with no prediction at all gets uniform probabilities and VA 0; those
+    frames are counted (``n_no_video``) and reported. All of this is vectorised over a sorted
+    integer key ``video_id << 32 | frame`` (``np.searchsorted``), no loop over frames or videos.
+
+Soft voting
+    The ensemble's class probabilities are the weighted mean of the variants' probabilities
+    (``--weights``, default 1 each) and its class is the argmax of that mean (ties go to the lower
+    class index). It never sums logits: summing logits lets one over-confident model dominate and is
+    not an average of anything calibrated (the mistake of the method's published code, see
+    ``shared/docs/method.md``). Its valence/arousal are the mean of the variants' values
+    (``--va-weights``, default 1 each: an expression weight says nothing about a variant's VA). A
+    variant whose file has null probabilities (or null VA) everywhere takes no part in that vote.
+
+Smoothing
+    Optional, per video, a centred mean over the frames within ``W // 2`` frame numbers on each
+    side (W odd; the window shrinks at the ends of a video and over dropped frames), applied to the
+    probabilities (then argmax) and to VA. ``--smoothing auto`` picks, on this split, the best
+    window from ``--smoothing-windows`` separately for expression (macro F1) and VA (mean CCC) of
+    the ensemble; a window chosen on the split it is scored on is optimistic, and ``metrics.json``
+    says so (``chosen_on``). Metrics are always reported both without (top level) and with
+    smoothing (``"smoothed"``).
+
+Outputs in ``--out-dir``: ``metrics.json`` (see :func:`evaluate`), ``ensemble_{split}.parquet``
+(PREDICTIONS of the ensemble on every ground-truth frame, unsmoothed; plus
+``ensemble_{split}_smoothed.parquet`` when smoothing), and the plots of :mod:`ferflow.plots`.
+A table is printed at the end, whose last line is
+``ensemble: expr_f1=0.xxx va_ccc_mean=0.xxx (valence 0.xxx, arousal 0.xxx)`` (unsmoothed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from . import atomic, metrics, schemas
+from .labels import EXPRESSIONS, NUM_EXPRESSIONS
+
+PROB_COLS = [f"p{i}" for i in range(NUM_EXPRESSIONS)]
+VA_COLS = ["valence", "arousal"]
+SCORED_REASONS = ("no_face",)  # dropped rows that are still scored (no prediction -> filled)
+AUTO_WINDOWS = (1, 3, 5, 9, 15, 25, 41, 65, 101)
+_FRAME_LIMIT = 1 << 31  # frames live in the low 32 bits of the sort key
+
+
+class EvaluationError(ValueError):
+    """A problem with the evaluation's inputs; the message names the file and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------
+# ground truth
+
+
+@dataclass
+class GroundTruth:
+    """The scored frames of one split, sorted by (source, video, frame)."""
+
+    split: str
+    frames: pl.DataFrame  # source, video, frame, expression, valence, arousal
+    videos: pl.DataFrame  # vid (UInt32), source, video
+    key: np.ndarray  # int64, vid << 32 | frame, strictly increasing
+    expression: np.ndarray  # int64, -1 where not scored
+    va: np.ndarray  # float64 (N, 2), NaN where not scored
+    expr_mask: np.ndarray  # bool: expression scored
+    va_mask: np.ndarray  # bool: valence and arousal scored
+    n_no_face: int  # scored frames that had no face (always filled)
+
+    @property
+    def n(self) -> int:
+        return self.key.shape[0]
+
+
+def _check_frames(frame: pl.Series, where: str) -> None:
+    if frame.len() and (frame.min() < 0 or frame.max() >= _FRAME_LIMIT):
+        raise EvaluationError(f"{where}: frame numbers must lie in 0..{_FRAME_LIMIT - 1}, got {frame.min()}..{frame.max()}")
+
+
+def ground_truth_from_accounting(accounting: pl.DataFrame, split: str, where: str = "accounting") -> GroundTruth:
+    """Select the scored frames of ``split`` from an ACCOUNTING table (see the module docstring)."""
+    rows = accounting.filter(
+        (pl.col("split") == split)
+        & ((pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS)))
+    )
+    if rows.height == 0:
+        present = sorted(s for s in accounting["split"].unique().to_list() if s is not None)
+        n_split = accounting.filter(pl.col("split") == split).height
+        raise EvaluationError(
+            f"{where}: no ground-truth rows for split {split!r} (status 'written' or reason 'no_face'); "
+            f"{n_split} rows of that split in all, splits present: {present}"
+        )
+    _check_frames(rows["frame"], where)
+    videos = rows.select("source", "video").unique().sort("source", "video").with_row_index("vid")
+    rows = (
+        rows.join(videos, on=["source", "video"], how="inner")
+        .with_columns(key=pl.col("vid").cast(pl.Int64) * (1 << 32) + pl.col("frame"))
+        .sort("key")
+    )
+    key = rows["key"].to_numpy()
+    dup = np.flatnonzero(np.diff(key) == 0)
+    if dup.size:
+        r = rows.row(int(dup[0]), named=True)
+        raise EvaluationError(
+            f"{where}: {dup.size} duplicate scored frames in split {split!r}, "
+            f"e.g. source={r['source']!r} video={r['video']!r} frame={r['frame']}"
+        )
+    expr = rows["expression"].cast(pl.Int64).fill_null(-1).to_numpy()
+    if expr.size and expr.max() >= NUM_EXPRESSIONS:
+        raise EvaluationError(f"{where}: expression labels outside 0..{NUM_EXPRESSIONS - 1}")
+    va = np.column_stack(
+        [rows[c].cast(pl.Float64).fill_nan(None).fill_null(float("nan")).to_numpy() for c in VA_COLS]
+    )
+    return GroundTruth(
+        split=split,
+        frames=rows.select("source", "video", "frame", "expression", "valence", "arousal"),
+        videos=videos,
+        key=key,
+        expression=expr,
+        va=va,
+        expr_mask=expr >= 0,
+        va_mask=~np.isnan(va).any(axis=1),
+        n_no_face=int((rows["status"] != "written").sum()),
+    )
+
+
+def load_ground_truth(path: str | os.PathLike, split: str) -> GroundTruth:
+    return ground_truth_from_accounting(schemas.read_table(path, schemas.ACCOUNTING), split, where=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# predictions: check, align to the ground truth, fill
+
+
+@dataclass
+class Aligned:
+    """One variant's (or the ensemble's) values on every ground-truth frame, in its order."""
+
+    probs: np.ndarray | None  # float32 (N, 8); None when the source had no probabilities
+    va: np.ndarray | None  # float32 (N, 2); None when the source had no VA
+    filled: np.ndarray  # bool (N,): probabilities not predicted for this frame (interpolated)
+    no_video: np.ndarray  # bool (N,): no probabilities anywhere in the video (uniform)
+    filled_va: np.ndarray
+    no_video_va: np.ndarray
+    n_unmatched: int = 0  # prediction rows of videos outside the ground truth (ignored)
+
+
+def load_predictions(path: str | os.PathLike, split: str) -> pl.DataFrame:
+    """Read one variant's PREDICTIONS and check that it is for ``split``."""
+    df = schemas.read_table(path, schemas.PREDICTIONS)
+    check_predictions(df, split, str(path))
+    return df
+
+
+def check_predictions(df: pl.DataFrame, split: str, where: str) -> None:
+    if df.height == 0:
+        raise EvaluationError(f"{where}: the predictions file is empty")
+    splits = sorted(s if s is not None else "<null>" for s in df["split"].unique().to_list())
+    if splits != [split]:
+        raise EvaluationError(f"{where}: predictions for split(s) {splits}, but evaluating split {split!r}")
+
+
+def interpolate_rows(
+    anchor_key: np.ndarray, anchor_values: np.ndarray, key: np.ndarray, default: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values at ``key`` interpolated linearly between anchors of the same video.
+
+    Keys are ``vid << 32 | frame``, both arrays sorted. Returns ``(values, exact, no_video)``:
+    ``exact`` marks keys that are anchors themselves, ``no_video`` keys whose video has no anchor
+    (given ``default``). Outside a video's first/last anchor the nearest anchor is copied.
+    """
+    n, c = key.shape[0], anchor_values.shape[1]
+    out = np.empty((n, c), dtype=np.float32)
+    m = anchor_key.shape[0]
+    if m == 0:
+        out[:] = default
+        return out, np.zeros(n, bool), np.ones(n, bool)
+    vid = key >> 32
+    pos = np.searchsorted(anchor_key, key, side="left")
+    right = np.minimum(pos, m - 1)
+    left = np.maximum(pos - 1, 0)
+    right_ok = (pos < m) & ((anchor_key[right] >> 32) == vid)
+    left_ok = (pos > 0) & ((anchor_key[left] >> 32) == vid)
+    exact = right_ok & (anchor_key[right] == key)
+    both = left_ok & right_ok & ~exact
+    # weight of the right anchor: 1 when exact or only a right anchor, 0 when only a left one
+    w_right = np.where(right_ok & ~left_ok | exact, 1.0, 0.0)
+    span = (anchor_key[right] - anchor_key[left])[both]
+    w_right[both] = (key[both] - anchor_key[left][both]) / span
+    w_right = w_right.astype(np.float32)
+    no_video = ~(left_ok | right_ok)
+    np.multiply(anchor_values[right], w_right[:, None], out=out)
+    out += anchor_values[left] * (1 - w_right)[:, None]
+    out[no_video] = default
+    return out, exact, no_video
+
+
+def align(gt: GroundTruth, pred: pl.DataFrame, where: str = "predictions") -> Aligned:
+    """Put one variant's predictions on the ground-truth frames, filling those without one."""
+    _check_frames(pred["frame"], where)
+    n_rows = pred.height
+    p = pred.join(gt.videos, on=["source", "video"], how="inner")
+    n_unmatched = n_rows - p.height
+    if p.height == 0:
+        sample = pred.select("source", "video").unique().head(3).rows()
+        raise EvaluationError(
+            f"{where}: none of its {n_rows} rows belongs to a video of the ground truth for split "
+            f"{gt.split!r} (its videos include {sample}; the ground truth has {gt.videos.height} videos)"
+        )
+    p = p.with_columns(
+        key=pl.col("vid").cast(pl.Int64) * (1 << 32) + pl.col("frame"),
+        **{c: pl.col(c).fill_nan(None) for c in PROB_COLS + VA_COLS},
+    ).sort("key")
+    key = p["key"].to_numpy()
+    dup = np.flatnonzero(np.diff(key) == 0)
+    if dup.size:
+        r = p.row(int(dup[0]), named=True)
+        raise EvaluationError(
+            f"{where}: {dup.size} duplicate predicted frames, e.g. source={r['source']!r} "
+            f"video={r['video']!r} frame={r['frame']}"
+        )
+    ok_p = p.select(pl.all_horizontal(pl.col(PROB_COLS).is_not_null())).to_series().to_numpy()
+    ok_va = p.select(pl.all_horizontal(pl.col(VA_COLS).is_not_null())).to_series().to_numpy()
+
+    def fill(cols: list[str], ok: np.ndarray, default: float):
+        if not ok.any():
+            return None, np.ones(gt.n, bool), np.ones(gt.n, bool)
+        sel = p.filter(pl.Series(ok)) if not ok.all() else p
+        values = np.ascontiguousarray(sel.select(cols).to_numpy().astype(np.float32, copy=False))
+        out, exact, no_video = interpolate_rows(key[ok], values, gt.key, np.float32(default))
+        return out, ~exact, no_video
+
+    probs, filled, no_video = fill(PROB_COLS, ok_p, 1.0 / NUM_EXPRESSIONS)
+    va, filled_va, no_video_va = fill(VA_COLS, ok_va, 0.0)
+    return Aligned(probs, va, filled, no_video, filled_va, no_video_va, n_unmatched)
+
+
+# --------------------------------------------------------------------------------------------
+# soft voting
+
+
+class SoftVote:
+    """Running weighted means of probabilities and of VA; add variants one at a time."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.probs = None
+        self.va = None
+        self.w = 0.0
+        self.w_va = 0.0
+        self.filled = np.zeros(n, bool)
+        self.no_video = np.zeros(n, bool)
+        self.filled_va = np.zeros(n, bool)
+        self.no_video_va = np.zeros(n, bool)
+
+    def add(self, a: Aligned, weight: float = 1.0, va_weight: float = 1.0) -> None:
+        if a.probs is not None and weight > 0:
+            self.probs = _accumulate(self.probs, a.probs, weight)
+            self.w += weight
+            self.filled |= a.filled
+            self.no_video |= a.no_video
+        if a.va is not None and va_weight > 0:
+            self.va = _accumulate(self.va, a.va, va_weight)
+            self.w_va += va_weight
+            self.filled_va |= a.filled_va
+            self.no_video_va |= a.no_video_va
+
+    def result(self) -> Aligned:
+        probs = self.probs / np.float32(self.w) if self.probs is not None else None
+        va = self.va / np.float32(self.w_va) if self.va is not None else None
+        return Aligned(probs, va, self.filled, self.no_video, self.filled_va, self.no_video_va)
+
+
+def _accumulate(acc: np.ndarray | None, x: np.ndarray, w: float) -> np.ndarray:
+    if acc is None:
+        return x * np.float32(w) if w != 1 else x.copy()
+    if w == 1:
+        acc += x
+    else:
+        acc += x * np.float32(w)
+    return acc
+
+
+def soft_vote(
+    aligned: Sequence[Aligned], weights: Sequence[float] | None = None, va_weights: Sequence[float] | None = None
+) -> Aligned:
+    """Weighted mean of class probabilities (argmax it for the class) and weighted mean of VA."""
+    if not aligned:
+        raise ValueError("soft_vote needs at least one variant")
+    weights = [1.0] * len(aligned) if weights is None else list(weights)
+    va_weights = [1.0] * len(aligned) if va_weights is None else list(va_weights)
+    vote = SoftVote(aligned[0].filled.shape[0])
+    for a, w, wv in zip(aligned, weights, va_weights, strict=True):
+        vote.add(a, w, wv)
+    return vote.result()
+
+
+def build_ensemble(
+    gt: GroundTruth,
+    predictions: Mapping[str, pl.DataFrame | str | os.PathLike],
+    weights: Mapping[str, float] | None = None,
+    va_weights: Mapping[str, float] | None = None,
+    on_variant: Callable[[str, Aligned], None] | None = None,
+) -> Aligned:
+    """Align each variant (a DataFrame, or a path read with :func:`load_predictions`) and vote.
+
+    Variants are read and aligned one at a time; ``on_variant(name, aligned)`` sees each before
+    it is dropped, so memory holds one variant plus the running vote.
+    """
+    weights = weights or {}
+    va_weights = va_weights or {}
+    vote = SoftVote(gt.n)
+    for name, src in predictions.items():
+        if isinstance(src, pl.DataFrame):
+            where = f"predictions {name!r}"
+            check_predictions(src, gt.split, where)
+            df = src
+        else:
+            where = str(src)
+            df = load_predictions(src, gt.split)
+        a = align(gt, df, where)
+        del df
+        vote.add(a, weights.get(name, 1.0), va_weights.get(name, 1.0))
+        if on_variant is not None:
+            on_variant(name, a)
+        del a
+    if vote.probs is None and vote.va is None:
+        raise EvaluationError("no variant contributes to the vote (all weights 0 or all values null)")
+    return vote.result()
+
+
+# --------------------------------------------------------------------------------------------
+# smoothing
+
+
+def smooth(key: np.ndarray, values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving mean within each video: frames ``f - W//2 .. f + W//2`` that are present.
+
+    ``key`` is the sorted ``vid << 32 | frame`` of the rows of ``values``. Window 0 or 1 returns
+    ``values`` unchanged; an even window is an error (it has no centre).
+    """
+    if window <= 1:
+        return values
+    if window % 2 == 0:
+        raise ValueError(f"smoothing window must be odd to be centred, got {window}")
+    h = window // 2
+    lo = np.searchsorted(key, key - h, side="left")
+    hi = np.searchsorted(key, key + h, side="right")
+    count = (hi - lo).astype(np.float64)
+    out = np.empty(values.shape, dtype=values.dtype)
+    cs = np.zeros(key.shape[0] + 1, dtype=np.float64)
+    for c in range(values.shape[1]):
+        np.cumsum(values[:, c], dtype=np.float64, out=cs[1:])
+        out[:, c] = (cs[hi] - cs[lo]) / count
+    return out
+
+
+def smoothed(gt: GroundTruth, a: Aligned, window_expr: int, window_va: int) -> Aligned:
+    return Aligned(
+        smooth(gt.key, a.probs, window_expr) if a.probs is not None else None,
+        smooth(gt.key, a.va, window_va) if a.va is not None else None,
+        a.filled, a.no_video, a.filled_va, a.no_video_va, a.n_unmatched,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+
+
+def expression_scores(gt: GroundTruth, probs: np.ndarray | None) -> dict:
+    n = int(gt.expr_mask.sum())
+    if probs is None or n == 0:
+        nan = float("nan")
+        return {"expr_f1": nan, "expr_accuracy": nan, "expr_f1_per_class": {c: nan for c in EXPRESSIONS},
+                "expr_confusion": None}
+    y_true = gt.expression[gt.expr_mask]
+    y_pred = probs[gt.expr_mask].argmax(axis=1)
+    return {
+        "expr_f1": metrics.macro_f1(y_true, y_pred),
+        "expr_accuracy": metrics.accuracy(y_true, y_pred),
+        "expr_f1_per_class": dict(zip(EXPRESSIONS, metrics.per_class_f1(y_true, y_pred).tolist())),
+        "expr_confusion": metrics.confusion_matrix(y_true, y_pred).tolist(),
+    }
+
+
+def va_scores(gt: GroundTruth, va: np.ndarray | None) -> dict:
+    if va is None or not gt.va_mask.any():
+        nan = float("nan")
+        return {"va_ccc_valence": nan, "va_ccc_arousal": nan, "va_ccc_mean": nan}
+    v, a, m = metrics.va_ccc(gt.va[gt.va_mask], va[gt.va_mask])
+    return {"va_ccc_valence": v, "va_ccc_arousal": a, "va_ccc_mean": m}
+
+
+def score(gt: GroundTruth, a: Aligned) -> dict:
+    """All metrics of one variant or the ensemble, over all scored frames concatenated (ABAW)."""
+    out = {**expression_scores(gt, a.probs), **va_scores(gt, a.va)}
+    out.update(
+        n_frames=gt.n,
+        n_expr=int(gt.expr_mask.sum()),
+        n_va=int(gt.va_mask.sum()),
+        n_filled=int(a.filled.sum()),
+        n_no_video=int(a.no_video.sum()),
+        n_filled_va=int(a.filled_va.sum()),
+        n_no_video_va=int(a.no_video_va.sum()),
+    )
+    return out
+
+
+def choose_windows(gt: GroundTruth, ens: Aligned, candidates: Sequence[int]) -> tuple[int, int, list[dict]]:
+    """Best odd window for expression (macro F1) and for VA (mean CCC) of the ensemble."""
+    search = []
+    for w in candidates:
+        s = {"window": int(w)}
+        if ens.probs is not None:
+            s["expr_f1"] = expression_scores(gt, smooth(gt.key, ens.probs, w))["expr_f1"]
+        if ens.va is not None:
+            s["va_ccc_mean"] = va_scores(gt, smooth(gt.key, ens.va, w))["va_ccc_mean"]
+        search.append(s)
+
+    def best(k: str) -> int:
+        scored = [(s[k], -s["window"]) for s in search if k in s and not math.isnan(s[k])]
+        return -max(scored)[1] if scored else 1
+
+    return best("expr_f1"), best("va_ccc_mean"), search
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def _ensemble_frame(gt: GroundTruth, a: Aligned) -> pl.DataFrame:
+    cols = {}
+    for i, c in enumerate(PROB_COLS):
+        cols[c] = a.probs[:, i] if a.probs is not None else pl.Series(c, [None] * gt.n, pl.Float32)
+    for i, c in enumerate(VA_COLS):
+        cols[c] = a.va[:, i] if a.va is not None else pl.Series(c, [None] * gt.n, pl.Float32)
+    return gt.frames.select(pl.lit(gt.split).alias("split"), "source", "video", "frame").with_columns(
+        **{k: (v if isinstance(v, pl.Series) else pl.Series(k, v)) for k, v in cols.items()}
+    )
+
+
+def _json_clean(x):
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {k: _json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        return _json_clean(x.item())
+    return x
+
+
+def dumps(result: dict) -> str:
+    """JSON with two-space indents, lists of plain numbers (confusion rows) kept on one line."""
+    text = json.dumps(result, indent=2, allow_nan=False)
+    return re.sub(r"\[\s*([-+0-9.eE,\s]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
+
+
+def _log(msg: str) -> None:
+    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+def evaluate(
+    predictions: Mapping[str, str | os.PathLike | pl.DataFrame],
+    accounting: str | os.PathLike,
+    split: str = "validation",
+    out_dir: str | os.PathLike = "results/evaluation",
+    weights: Mapping[str, float] | None = None,
+    va_weights: Mapping[str, float] | None = None,
+    smoothing: int | str = 0,
+    smoothing_windows: Sequence[int] = AUTO_WINDOWS,
+    plots: bool = True,
+) -> dict:
+    """Run the stage and return the content of ``metrics.json``.
+
+    ``metrics.json``::
+
+        {"split": ..., "ensemble": M, "variants": {name: M, ...},   # unsmoothed
+         "smoothed": null | {"window": {"expr": We, "va": Wv}, "auto": bool, "chosen_on": split|null,
+                             "search": [{"window", "expr_f1", "va_ccc_mean"}...],
+                             "ensemble": M, "variants": {name: M}},
+         "vote": {"weights": {...}, "va_weights": {...}, "rule": ...},
+         "ground_truth": {...}, "inputs": {...}, "outputs": {...}}
+
+    where M holds ``expr_f1`` (macro over 8 classes), ``expr_accuracy``, ``expr_f1_per_class``
+    (class name -> F1), ``expr_confusion`` (8x8 counts, rows = truth), ``va_ccc_valence``,
+    ``va_ccc_arousal``, ``va_ccc_mean``, ``n_frames`` (scored frames), ``n_expr``, ``n_va``
+    (frames with that label), ``n_filled`` / ``n_filled_va`` (frames without the variant's own
+    prediction, interpolated) and ``n_no_video`` / ``n_no_video_va`` (frames of videos without
+    any prediction, uniform / 0). Undefined numbers are null.
+    """
+    names = list(predictions)
+    if not names:
+        raise EvaluationError("no predictions given")
+    weights = dict(weights or {})
+    va_weights = dict(va_weights or {})
+    for label, ws in (("--weights", weights), ("--va-weights", va_weights)):
+        unknown = sorted(set(ws) - set(names))
+        if unknown:
+            raise EvaluationError(f"{label}: unknown variant(s) {unknown}; variants are {names}")
+        bad = {k: v for k, v in ws.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise EvaluationError(f"{label}: weights must be finite and >= 0, got {bad}")
+    weights = {n: float(weights.get(n, 1.0)) for n in names}
+    va_weights = {n: float(va_weights.get(n, 1.0)) for n in names}
+    if isinstance(smoothing, str) and smoothing != "auto":
+        raise EvaluationError(f"--smoothing must be a window in frames or 'auto', got {smoothing!r}")
+    if isinstance(smoothing, int) and smoothing > 1 and smoothing % 2 == 0:
+        raise EvaluationError(f"--smoothing: a centred window must be odd, got {smoothing}")
+    if smoothing == "auto":
+        bad = [w for w in smoothing_windows if w < 1 or w % 2 == 0]
+        if bad or not smoothing_windows:
+            raise EvaluationError(f"--smoothing-windows must be odd windows >= 1, got {list(smoothing_windows)}")
+
+    out_dir = Path(out_dir)
+    gt = load_ground_truth(accounting, split)
+    _log(
+        f"{split}: {gt.n} scored frames in {gt.videos.height} videos ({gt.n_no_face} without a face), "
+        f"{int(gt.expr_mask.sum())} with expression, {int(gt.va_mask.sum())} with valence/arousal"
+    )
+
+    smoothing_on = smoothing == "auto" or smoothing > 1
+    kept: dict[str, Aligned] = {}
+    variant_metrics: dict[str, dict] = {}
+
+    def on_variant(name: str, a: Aligned) -> None:
+        variant_metrics[name] = score(gt, a)
+        m = variant_metrics[name]
+        _log(
+            f"variant {name}: {m['n_filled']} frames filled ({m['n_no_video']} in videos without any "
+            f"prediction), {a.n_unmatched} prediction rows outside the ground truth ignored"
+        )
+        if a.n_unmatched:
+            _log(f"warning: variant {name} has {a.n_unmatched} predicted frames of videos not in the {split} ground truth")
+        if smoothing_on:
+            kept[name] = a
+
+    ens = build_ensemble(gt, predictions, weights, va_weights, on_variant)
+    ens_metrics = score(gt, ens)
+
+    smoothed_block = None
+    ens_s = None
+    if smoothing_on:
+        if smoothing == "auto":
+            w_expr, w_va, search = choose_windows(gt, ens, smoothing_windows)
+            _log(f"smoothing chosen on {split}: expression window {w_expr}, VA window {w_va}")
+        else:
+            w_expr = w_va = int(smoothing)
+            search = []
+        ens_s = smoothed(gt, ens, w_expr, w_va)
+        smoothed_block = {
+            "window": {"expr": w_expr, "va": w_va},
+            "auto": smoothing == "auto",
+            "chosen_on": split if smoothing == "auto" else None,
+            "search": search,
+            "ensemble": score(gt, ens_s),
+            "variants": {n: score(gt, smoothed(gt, kept.pop(n), w_expr, w_va)) for n in names},
+        }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"metrics": str(out_dir / "metrics.json"), "ensemble": str(out_dir / f"ensemble_{split}.parquet")}
+    schemas.write_table(_ensemble_frame(gt, ens), outputs["ensemble"], schemas.PREDICTIONS)
+    if ens_s is not None:
+        outputs["ensemble_smoothed"] = str(out_dir / f"ensemble_{split}_smoothed.parquet")
+        schemas.write_table(_ensemble_frame(gt, ens_s), outputs["ensemble_smoothed"], schemas.PREDICTIONS)
+
+    result = {
+        "split": split,
+        "ensemble": ens_metrics,
+        "variants": variant_metrics,
+        "smoothed": smoothed_block,
+        "vote": {
+            "weights": weights,
+            "va_weights": va_weights,
+            "rule": "weighted mean of class probabilities, class = argmax of the mean; weighted mean of valence/arousal",
+        },
+        "ground_truth": {
+            "accounting": str(accounting),
+            "n_frames": gt.n,
+            "n_videos": gt.videos.height,
+            "n_no_face": gt.n_no_face,
+            "n_expr": int(gt.expr_mask.sum()),
+            "n_va": int(gt.va_mask.sum()),
+        },
+        "inputs": {n: (str(p) if not isinstance(p, pl.DataFrame) else None) for n, p in predictions.items()},
+        "outputs": outputs,
+    }
+
+    if plots:
+        from . import plots as plotting
+
+        va_pred = ens.va[gt.va_mask] if ens.va is not None else None
+        outputs.update(
+            {k: str(v) for k, v in plotting.plot_evaluation(result, out_dir, gt.va[gt.va_mask], va_pred).items()}
+        )
+
+    result = _json_clean(result)
+    atomic.write_text(out_dir / "metrics.json", dumps(result))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(x) -> str:
+    return "  -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def format_table(result: dict) -> str:
+    """A readable table of every variant and the ensemble, with and without smoothing."""
+    gt = result["ground_truth"]
+    lines = [
+        f"split {result['split']}: {gt['n_frames']} scored frames in {gt['n_videos']} videos "
+        f"({gt['n_no_face']} without a face; {gt['n_expr']} with expression, {gt['n_va']} with VA)"
+    ]
+    names = list(result["variants"])
+    width = max([len(n) for n in names] + [len("ensemble")]) + 2
+
+    def block(title: str, variants: dict, ensemble: dict) -> None:
+        lines.append("")
+        lines.append(title)
+        lines.append(f"{'':{width}}{'expr_f1':>8}{'acc':>8}{'valence':>9}{'arousal':>9}{'va_mean':>9}   filled (no video)")
+        for n, m in [*variants.items(), ("ensemble", ensemble)]:
+            lines.append(
+                f"{n:{width}}{_fmt(m['expr_f1']):>8}{_fmt(m['expr_accuracy']):>8}{_fmt(m['va_ccc_valence']):>9}"
+                f"{_fmt(m['va_ccc_arousal']):>9}{_fmt(m['va_ccc_mean']):>9}   {m['n_filled']} ({m['n_no_video']})"
+            )
+
+    block("without smoothing", result["variants"], result["ensemble"])
+    s = result.get("smoothed")
+    if s:
+        how = f"chosen on {s['chosen_on']}" if s["auto"] else "fixed"
+        block(f"smoothed (window: expression {s['window']['expr']}, VA {s['window']['va']}; {how})",
+              s["variants"], s["ensemble"])
+        lines.append("")
+        for k in ("expr_f1", "va_ccc_mean"):
+            lines.append(f"smoothing changes ensemble {k} {_fmt(result['ensemble'][k])} -> {_fmt(s['ensemble'][k])}")
+    e = result["ensemble"]
+    lines.append("")
+    lines.append(
+        f"ensemble: expr_f1={_fmt(e['expr_f1'])} va_ccc_mean={_fmt(e['va_ccc_mean'])} "
+        f"(valence {_fmt(e['va_ccc_valence'])}, arousal {_fmt(e['va_ccc_arousal'])})"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def _pairs(items: Sequence[str] | None, what: str, convert=str) -> dict:
+    out = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise EvaluationError(f"{what}: expected NAME=VALUE, got {item!r}")
+        if name in out:
+            raise EvaluationError(f"{what}: variant {name!r} given twice")
+        try:
+            out[name] = convert(value)
+        except ValueError:
+            raise EvaluationError(f"{what}: {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _smoothing_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        w = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a window in frames (odd, 0 = off) or 'auto', got {value!r}") from None
+    if w < 0 or (w > 1 and w % 2 == 0):
+        raise argparse.ArgumentTypeError(f"a centred window must be 0, 1 or odd, got {w}")
+    return w
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ferflow.evaluate",
+        description="Fill, soft-vote, smooth and score the variants' predictions against the ground truth.",
+    )
+    p.add_argument("--predictions", nargs="+", required=True, metavar="NAME=PATH",
+                   help="one PREDICTIONS parquet per variant")
+    p.add_argument("--weights", nargs="*", metavar="NAME=W",
+                   help="weights of the class-probability vote (default 1; unnamed variants get 1)")
+    p.add_argument("--va-weights", nargs="*", metavar="NAME=W",
+                   help="weights of the valence/arousal mean (default 1; unnamed variants get 1)")
+    p.add_argument("--accounting", required=True, help="ACCOUNTING parquet (the ground truth)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--smoothing", type=_smoothing_arg, default=0, metavar="W|auto",
+                   help="centred mean window in frames (odd; 0 = off) or 'auto' to choose it on this split")
+    p.add_argument("--smoothing-windows", default=",".join(map(str, AUTO_WINDOWS)), metavar="W,W,...",
+                   help="candidate windows for --smoothing auto (default %(default)s)")
+    p.add_argument("--out-dir", default="results/evaluation")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        predictions = _pairs(args.predictions, "--predictions")
+        weights = _pairs(args.weights, "--weights", float)
+        va_weights = _pairs(args.va_weights, "--va-weights", float)
+        try:
+            windows = [int(w) for w in args.smoothing_windows.split(",") if w.strip()]
+        except ValueError:
+            raise EvaluationError(f"--smoothing-windows: not a list of integers: {args.smoothing_windows!r}") from None
+        result = evaluate(
+            predictions, args.accounting, split=args.split, out_dir=args.out_dir, weights=weights,
+            va_weights=va_weights, smoothing=args.smoothing, smoothing_windows=windows, plots=not args.no_plots,
+        )
+    except (EvaluationError, schemas.SchemaError, FileNotFoundError) as exc:
+        print(f"ferflow.evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Evaluation plots: confusion matrix, per-class F1 of each variant against the ensemble, and
+2-D histograms of predicted against true valence/arousal.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no display) and
+written atomically. Each plot is a function of plain arrays, so it can be called on its own;
+``python -m ferflow.plots`` redraws them from an evaluation's ``metrics.json`` (and, for the VA
+histograms, its ``ensemble_{split}.parquet`` with the accounting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .atomic import atomic_path  # noqa: E402
+from .labels import EXPRESSIONS  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
+def row_normalise(cm) -> np.ndarray:
+    """Each row divided by its sum (rows without frames stay 0)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros_like(cm), where=sums > 0)
+
+
+def confusion(cm, path: str | os.PathLike, title: str = "ensemble", class_names: Sequence[str] = EXPRESSIONS) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted class)."""
+    cm = np.asarray(cm)
+    norm = row_normalise(cm)
+    k = len(class_names)
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), [f"{c} ({n})" for c, n in zip(class_names, cm.sum(axis=1))])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (frames)")
+    ax.set_title(f"confusion, {title} (row-normalised)")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    return _save(fig, path)
+
+
+def f1_per_class(per_class: Mapping[str, Sequence[float] | Mapping[str, float]], path: str | os.PathLike,
+                 class_names: Sequence[str] = EXPRESSIONS, highlight: Sequence[str] = ("ensemble",)) -> Path:
+    """Grouped bars: one group per class, one bar per model (variants grey-ish, ensembles bold)."""
+    names = list(per_class)
+    values = []
+    for n in names:
+        v = per_class[n]
+        v = [v[c] for c in class_names] if isinstance(v, Mapping) else list(v)
+        values.append([np.nan if x is None else float(x) for x in v])
+    values = np.asarray(values, dtype=np.float64)
+    k = len(class_names)
+    m = len(names)
+    width = 0.8 / max(m, 1)
+    fig = Figure(figsize=(max(9.0, 1.2 * k + 0.1 * m * k), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["tab10"]
+    x = np.arange(k)
+    n_variants = 0
+    for i, n in enumerate(names):
+        strong = any(n.startswith(h) for h in highlight)
+        colour = ("black" if n == "ensemble" else "tab:red") if strong else cmap(n_variants % 10)
+        n_variants += 0 if strong else 1
+        macro = np.nanmean(values[i]) if np.isfinite(values[i]).any() else np.nan
+        ax.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(values[i]), width, color=colour,
+               alpha=1.0 if strong else 0.6, label=f"{n} (macro {macro:.3f})")
+    ax.set_xticks(x, class_names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title("per-class F1: variants and ensemble")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def va_hist(va_true, va_pred, path: str | os.PathLike, bins: int = 50, title: str = "ensemble") -> Path:
+    """2-D histograms of prediction against truth for valence and arousal (log counts)."""
+    fig = Figure(figsize=(12, 5.2), layout="constrained")
+    va_true = np.asarray(va_true, dtype=np.float64).reshape(-1, 2) if va_true is not None else np.zeros((0, 2))
+    va_pred = np.asarray(va_pred, dtype=np.float64).reshape(-1, 2) if va_pred is not None else np.zeros((0, 2))
+    edges = np.linspace(-1, 1, bins + 1)
+    for j, name in enumerate(("valence", "arousal")):
+        ax = fig.add_subplot(1, 2, j + 1)
+        if va_true.shape[0] and va_pred.shape[0] == va_true.shape[0]:
+            t = np.clip(va_true[:, j], -1, 1)
+            p = np.clip(va_pred[:, j], -1, 1)
+            h, _, _ = np.histogram2d(t, p, bins=[edges, edges])
+            im = ax.pcolormesh(edges, edges, h.T, norm=LogNorm(vmin=1, vmax=max(h.max(), 1)), cmap="viridis")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="frames")
+            ax.set_title(f"{name}, {title} ({t.size} frames)")
+        else:
+            ax.text(0, 0, "no frames", ha="center", va="center")
+            ax.set_title(f"{name}, {title}")
+        ax.plot([-1, 1], [-1, 1], color="white", lw=0.8, ls="--")
+        ax.set_xlim(-1, 1)
+        ax.set_ylim(-1, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+    return _save(fig, path)
+
+
+def plot_evaluation(result: Mapping, out_dir: str | os.PathLike, va_true=None, va_pred=None) -> dict[str, Path]:
+    """The three plots of an evaluation from its ``metrics.json`` content (plus VA arrays)."""
+    out_dir = Path(out_dir)
+    out: dict[str, Path] = {}
+    ens = result["ensemble"]
+    cm = ens.get("expr_confusion")
+    if cm is None:
+        cm = np.zeros((len(EXPRESSIONS),) * 2, dtype=np.int64)
+    out["confusion"] = confusion(cm, out_dir / "confusion.png")
+    per_class = {n: m["expr_f1_per_class"] for n, m in result["variants"].items()}
+    per_class["ensemble"] = ens["expr_f1_per_class"]
+    s = result.get("smoothed")
+    if s:
+        per_class[f"ensemble smoothed (w={s['window']['expr']})"] = s["ensemble"]["expr_f1_per_class"]
+    out["f1_per_class"] = f1_per_class(per_class, out_dir / "f1_per_class.png")
+    out["va_hist"] = va_hist(va_true, va_pred, out_dir / "va_hist.png")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ferflow.plots", description="Redraw an evaluation's plots.")
+    p.add_argument("--metrics", required=True, help="metrics.json written by ferflow.evaluate")
+    p.add_argument("--ensemble", help="ensemble_{split}.parquet (for the VA histograms)")
+    p.add_argument("--accounting", help="ACCOUNTING parquet (for the VA histograms)")
+    p.add_argument("--out-dir", required=True)
+    args = p.parse_args(argv)
+    result = json.loads(Path(args.metrics).read_text())
+    va_true = va_pred = None
+    if args.ensemble and args.accounting:
+        import polars as pl
+
+        from . import evaluate, schemas
+
+        gt = evaluate.load_ground_truth(args.accounting, result["split"])
+        ens = schemas.read_table(args.ensemble, schemas.PREDICTIONS)
+        joined = gt.frames.with_row_index("_row").join(ens, on=["source", "video", "frame"], how="inner")
+        joined = joined.filter(pl.Series(gt.va_mask[joined["_row"].to_numpy()]))
+        va_true = joined.select(pl.col("valence").cast(pl.Float64), pl.col("arousal").cast(pl.Float64)).to_numpy()
+        va_pred = joined.select(pl.col("valence_right").cast(pl.Float64), pl.col("arousal_right").cast(pl.Float64)).to_numpy()
+    for name, path in plot_evaluation(result, args.out_dir, va_true, va_pred).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
