@@ -84,7 +84,10 @@ def test_ground_truth_scores_written_and_no_face_frames_only():
         {"video": "w", "frame": 0, "expression": 4, "split": "train"},
     ])
     gt = evaluate.ground_truth_from_accounting(acc, "validation")
-    assert gt.frames["frame"].to_list() == [0, 1, 6, 7]
+    table = gt.frame_table()
+    assert table["frame"].to_list() == [0, 1, 6, 7]
+    assert table["expression"].to_list() == [1, 2, None, 0]
+    assert table["arousal"].to_list() == pytest.approx([0.2, 0.4, -0.5, None])
     assert gt.n_no_face == 1
     assert gt.expr_mask.tolist() == [True, True, False, True]
     assert gt.va_mask.tolist() == [True, True, True, False]
@@ -156,6 +159,54 @@ def test_fill_uses_separate_anchors_for_null_va_and_reports_unmatched_rows():
     assert a.filled.tolist() == [False, True, False]
     assert a.filled_va.tolist() == [False, True, True]
     assert a.n_unmatched == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fill_matches_a_per_video_np_interp_reference_on_shuffled_input(seed):
+    rng = np.random.default_rng(seed)
+    rows, parts, expected = [], [], {}
+    for s_i, source in enumerate(("aw", "bb")):
+        for v in range(4):
+            video = f"vid{v}"
+            n = int(rng.integers(5, 60))
+            gt_frames = np.sort(rng.choice(n + 10, size=n, replace=False))
+            rows += [{"source": source, "video": video, "frame": int(f), "expression": 0} for f in gt_frames]
+            if v == 3 and s_i == 1:
+                expected[(source, video)] = (gt_frames, None)  # no prediction in this video
+                continue
+            pf = np.sort(rng.choice(n + 10, size=int(rng.integers(1, n)), replace=False))
+            vals = rng.random((pf.size, 10)).astype(np.float32)
+            parts.append(predictions(video, pf, vals[:, :8], vals[:, 8:], source=source))
+            expected[(source, video)] = (gt_frames, (pf, vals))
+    parts.append(predictions("not-scored", [0, 1], np.ones((2, 8)), np.zeros((2, 2))))
+    pred = pl.concat(parts)
+    pred = pred[rng.permutation(pred.height)]  # any row order
+    gt = evaluate.ground_truth_from_accounting(accounting(rows), "validation")
+    a = evaluate.align(gt, pred)
+    want, want_filled = [], []
+    for key in sorted(expected):  # (source, video) order, as the ground truth is sorted
+        f, p = expected[key]
+        if p is None:
+            want.append(np.tile(np.r_[np.full(8, 1 / 8), 0, 0], (f.size, 1)))
+            want_filled.append(np.ones(f.size, bool))
+        else:
+            want.append(np.column_stack([np.interp(f, p[0], p[1][:, j]) for j in range(10)]))
+            want_filled.append(~np.isin(f, p[0]))
+    np.testing.assert_allclose(np.c_[a.probs, a.va], np.concatenate(want), atol=1e-6)
+    assert a.filled.tolist() == np.concatenate(want_filled).tolist()
+    assert a.n_unmatched == 2
+    # chunking changes nothing
+    key = np.sort(rng.choice(1 << 20, 300, replace=False)).astype(np.int64) + (np.arange(300) // 100 << 32)
+    ak = np.sort(rng.choice(key, 40, replace=False))
+    av = rng.random((40, 3)).astype(np.float32)
+    outs = []
+    for chunk in (7, 1000):
+        out = np.empty((300, 3), np.float32)
+        ex, nv = evaluate.fill_columns(ak, None, [av[:, j] for j in range(3)], key, np.zeros(3, np.float32), out, chunk)
+        outs.append((out, ex, nv))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    np.testing.assert_array_equal(outs[0][2], outs[1][2])
 
 
 def test_align_rejects_duplicates_and_foreign_videos():

@@ -80,14 +80,15 @@ class EvaluationError(ValueError):
 
 @dataclass
 class GroundTruth:
-    """The scored frames of one split, sorted by (source, video, frame)."""
+    """The scored frames of one split, sorted by (source, video, frame), as numpy arrays."""
 
     split: str
-    frames: pl.DataFrame  # source, video, frame, expression, valence, arousal
-    videos: pl.DataFrame  # vid (UInt32), source, video
+    sources: list[str]  # sorted names; a source's code is its index
+    video_names: list[str]  # sorted names; a video name's code is its index
+    vid_table: np.ndarray  # int64 (len(sources), len(video_names)): video id, -1 when not scored
     key: np.ndarray  # int64, vid << 32 | frame, strictly increasing
-    expression: np.ndarray  # int64, -1 where not scored
-    va: np.ndarray  # float64 (N, 2), NaN where not scored
+    expression: np.ndarray  # int8, -1 where not scored
+    va: np.ndarray  # float32 (N, 2), NaN where not scored
     expr_mask: np.ndarray  # bool: expression scored
     va_mask: np.ndarray  # bool: valence and arousal scored
     n_no_face: int  # scored frames that had no face (always filled)
@@ -96,56 +97,157 @@ class GroundTruth:
     def n(self) -> int:
         return self.key.shape[0]
 
+    @property
+    def n_videos(self) -> int:
+        return int((self.vid_table >= 0).sum())
 
-def _check_frames(frame: pl.Series, where: str) -> None:
-    if frame.len() and (frame.min() < 0 or frame.max() >= _FRAME_LIMIT):
+    def video_ids(self, source: pl.Series, video: pl.Series) -> np.ndarray:
+        """Video id of each (source, video) pair; -1 for pairs outside the ground truth."""
+        s = _codes(source, self.sources)
+        v = _codes(video, self.video_names)
+        known = (s >= 0) & (v >= 0)
+        return np.where(known, self.vid_table[np.where(known, s, 0), np.where(known, v, 0)], -1)
+
+    def videos(self) -> pl.DataFrame:
+        """One row per scored video: vid, source, video (in vid order)."""
+        s, v = np.nonzero(self.vid_table >= 0)
+        order = np.argsort(self.vid_table[s, v])
+        return pl.DataFrame({
+            "vid": self.vid_table[s, v][order],
+            "source": [self.sources[i] for i in s[order]],
+            "video": [self.video_names[i] for i in v[order]],
+        })
+
+    def frame_table(self) -> pl.DataFrame:
+        """The scored frames as a table: source, video, frame, expression, valence, arousal."""
+        videos = self.videos()
+        vid = pl.Series(self.key >> 32)
+        return pl.DataFrame({
+            "source": videos["source"].gather(vid),
+            "video": videos["video"].gather(vid),
+            "frame": self.key & 0xFFFFFFFF,
+            "expression": pl.Series(np.where(self.expr_mask, self.expression, 0)).cast(pl.Int8),
+            "valence": self.va[:, 0].astype(np.float32),
+            "arousal": self.va[:, 1].astype(np.float32),
+        }).with_columns(
+            expression=pl.when(pl.Series(self.expr_mask)).then(pl.col("expression")),
+            valence=pl.col("valence").fill_nan(None),
+            arousal=pl.col("arousal").fill_nan(None),
+        )
+
+
+def _run_starts(names: pl.Series) -> np.ndarray:
+    if names.len() == 0:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(names.ne_missing(names.shift(1)).fill_null(True).to_numpy())
+
+
+def _distinct(names: pl.Series) -> list[str]:
+    """Sorted distinct non-null values."""
+    starts = _run_starts(names)
+    runs = names.gather(starts) if starts.size < names.len() // 4 else names
+    return sorted(x for x in runs.unique().to_list() if x is not None)
+
+
+def _codes(names: pl.Series, categories: list[str]) -> np.ndarray:
+    """int64 index of each name in ``categories`` (sorted), -1 when absent or null.
+
+    Rows usually come grouped by video, so the strings are looked up once per run of equal values.
+    """
+    n = names.len()
+    starts = _run_starts(names)
+    runs = names.gather(starts) if starts.size < n // 4 else names
+    codes = runs.cast(pl.Enum(categories), strict=False).to_physical().cast(pl.Int64).fill_null(-1).to_numpy()
+    if runs is names:
+        return codes
+    return np.repeat(codes, np.diff(np.append(starts, n)))
+
+
+def _check_keys(df: pl.DataFrame, where: str) -> np.ndarray:
+    """The frame numbers of ``df``, after checking that no key column is null."""
+    nulls = [c for c in ("source", "video", "frame") if df[c].null_count()]
+    if nulls:
+        raise EvaluationError(f"{where}: null values in key column(s) {nulls}")
+    frame = df["frame"].to_numpy()
+    _check_frames(frame, where)
+    return frame
+
+
+def _check_frames(frame: np.ndarray, where: str) -> None:
+    if frame.size and (frame.min() < 0 or frame.max() >= _FRAME_LIMIT):
         raise EvaluationError(f"{where}: frame numbers must lie in 0..{_FRAME_LIMIT - 1}, got {frame.min()}..{frame.max()}")
+
+
+def _sort_order(key: np.ndarray) -> np.ndarray | None:
+    """Permutation sorting ``key`` (None when it is sorted already)."""
+    if key.size < 2 or bool((key[1:] >= key[:-1]).all()):
+        return None
+    return np.argsort(key, kind="stable")
 
 
 def ground_truth_from_accounting(accounting: pl.DataFrame, split: str, where: str = "accounting") -> GroundTruth:
     """Select the scored frames of ``split`` from an ACCOUNTING table (see the module docstring)."""
-    rows = accounting.filter(
-        (pl.col("split") == split)
-        & ((pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS)))
+    scored = (pl.col("split") == split) & (
+        (pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS))
     )
-    if rows.height == 0:
+    mask = accounting.select(scored.fill_null(False)).to_series().to_numpy()
+    if not mask.any():
         present = sorted(s for s in accounting["split"].unique().to_list() if s is not None)
         n_split = accounting.filter(pl.col("split") == split).height
         raise EvaluationError(
             f"{where}: no ground-truth rows for split {split!r} (status 'written' or reason 'no_face'); "
             f"{n_split} rows of that split in all, splits present: {present}"
         )
-    _check_frames(rows["frame"], where)
-    videos = rows.select("source", "video").unique().sort("source", "video").with_row_index("vid")
-    rows = (
-        rows.join(videos, on=["source", "video"], how="inner")
-        .with_columns(key=pl.col("vid").cast(pl.Int64) * (1 << 32) + pl.col("frame"))
-        .sort("key")
-    )
-    key = rows["key"].to_numpy()
-    dup = np.flatnonzero(np.diff(key) == 0)
+    rows = accounting.select(
+        "frame", "expression", "valence", "arousal", no_face=pl.col("status") != "written"
+    ).filter(pl.Series(mask))
+    nulls = [c for c in ("source", "video", "frame")
+             if accounting[c].null_count() and accounting[c].is_null().to_numpy()[mask].any()]
+    if nulls:
+        raise EvaluationError(f"{where}: null values in key column(s) {nulls}")
+    frame = rows["frame"].to_numpy()
+    _check_frames(frame, where)
+    # integer codes of the names, looked up once per run of equal names (rows come grouped by video)
+    sources = _distinct(accounting["source"])
+    video_names = _distinct(accounting["video"])
+    s = _codes(accounting["source"], sources)[mask]
+    v = _codes(accounting["video"], video_names)[mask]
+    pair = s * len(video_names) + v
+    del s, v
+    used = np.unique(pair)  # sorted: video ids follow (source, video) order
+    vid_table = np.full(len(sources) * len(video_names), -1, dtype=np.int64)
+    vid_table[used] = np.arange(used.size)
+    key = vid_table[pair] * (1 << 32) + frame
+    del pair
+    vid_table = vid_table.reshape(len(sources), len(video_names))
+    expr = rows["expression"].fill_null(-1).to_numpy()  # int8
+    va = np.column_stack([rows[c].cast(pl.Float32).to_numpy() for c in VA_COLS])  # null -> NaN
+    n_no_face = int(rows["no_face"].sum())
+    del rows
+    order = _sort_order(key)
+    if order is not None:
+        key, expr, va = key[order], expr[order], va[order]
+    dup = np.flatnonzero(key[1:] == key[:-1])
     if dup.size:
-        r = rows.row(int(dup[0]), named=True)
+        k = int(key[dup[0]])
+        s, v = np.argwhere(vid_table == k >> 32)[0]
         raise EvaluationError(
             f"{where}: {dup.size} duplicate scored frames in split {split!r}, "
-            f"e.g. source={r['source']!r} video={r['video']!r} frame={r['frame']}"
+            f"e.g. source={sources[s]!r} video={video_names[v]!r} frame={k & 0xFFFFFFFF}"
         )
-    expr = rows["expression"].cast(pl.Int64).fill_null(-1).to_numpy()
     if expr.size and expr.max() >= NUM_EXPRESSIONS:
         raise EvaluationError(f"{where}: expression labels outside 0..{NUM_EXPRESSIONS - 1}")
-    va = np.column_stack(
-        [rows[c].cast(pl.Float64).fill_nan(None).fill_null(float("nan")).to_numpy() for c in VA_COLS]
-    )
     return GroundTruth(
         split=split,
-        frames=rows.select("source", "video", "frame", "expression", "valence", "arousal"),
-        videos=videos,
+        sources=sources,
+        video_names=video_names,
+        vid_table=vid_table,
         key=key,
         expression=expr,
         va=va,
         expr_mask=expr >= 0,
         va_mask=~np.isnan(va).any(axis=1),
-        n_no_face=int((rows["status"] != "written").sum()),
+        n_no_face=n_no_face,
     )
 
 
@@ -180,83 +282,155 @@ def load_predictions(path: str | os.PathLike, split: str) -> pl.DataFrame:
 def check_predictions(df: pl.DataFrame, split: str, where: str) -> None:
     if df.height == 0:
         raise EvaluationError(f"{where}: the predictions file is empty")
-    splits = sorted(s if s is not None else "<null>" for s in df["split"].unique().to_list())
-    if splits != [split]:
+    if df["split"].ne_missing(split).any():
+        splits = sorted(s if s is not None else "<null>" for s in df["split"].unique().to_list())
         raise EvaluationError(f"{where}: predictions for split(s) {splits}, but evaluating split {split!r}")
 
 
 def interpolate_rows(
-    anchor_key: np.ndarray, anchor_values: np.ndarray, key: np.ndarray, default: np.ndarray
+    anchor_key: np.ndarray, anchor_values: np.ndarray, key: np.ndarray, default
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Values at ``key`` interpolated linearly between anchors of the same video.
 
-    Keys are ``vid << 32 | frame``, both arrays sorted. Returns ``(values, exact, no_video)``:
-    ``exact`` marks keys that are anchors themselves, ``no_video`` keys whose video has no anchor
-    (given ``default``). Outside a video's first/last anchor the nearest anchor is copied.
+    Keys are ``vid << 32 | frame``, both arrays sorted; ``anchor_values`` is (M, C). Returns
+    ``(values, exact, no_video)``: ``exact`` marks keys that are anchors themselves, ``no_video``
+    keys whose video has no anchor (given ``default``). Outside a video's first/last anchor the
+    nearest anchor is copied.
     """
-    n, c = key.shape[0], anchor_values.shape[1]
-    out = np.empty((n, c), dtype=np.float32)
-    m = anchor_key.shape[0]
-    if m == 0:
-        out[:] = default
-        return out, np.zeros(n, bool), np.ones(n, bool)
-    vid = key >> 32
-    pos = np.searchsorted(anchor_key, key, side="left")
-    right = np.minimum(pos, m - 1)
-    left = np.maximum(pos - 1, 0)
-    right_ok = (pos < m) & ((anchor_key[right] >> 32) == vid)
-    left_ok = (pos > 0) & ((anchor_key[left] >> 32) == vid)
-    exact = right_ok & (anchor_key[right] == key)
-    both = left_ok & right_ok & ~exact
-    # weight of the right anchor: 1 when exact or only a right anchor, 0 when only a left one
-    w_right = np.where(right_ok & ~left_ok | exact, 1.0, 0.0)
-    span = (anchor_key[right] - anchor_key[left])[both]
-    w_right[both] = (key[both] - anchor_key[left][both]) / span
-    w_right = w_right.astype(np.float32)
-    no_video = ~(left_ok | right_ok)
-    np.multiply(anchor_values[right], w_right[:, None], out=out)
-    out += anchor_values[left] * (1 - w_right)[:, None]
-    out[no_video] = default
+    anchor_values = np.asarray(anchor_values)
+    out = np.empty((key.shape[0], anchor_values.shape[1]), dtype=anchor_values.dtype)
+    columns = [anchor_values[:, j] for j in range(anchor_values.shape[1])]
+    exact, no_video = fill_columns(anchor_key, None, columns, key, np.broadcast_to(default, out.shape[1:]), out)
     return out, exact, no_video
+
+
+def fill_columns(
+    anchor_key: np.ndarray,
+    anchor_rows: np.ndarray | None,
+    columns: Sequence[np.ndarray],
+    key: np.ndarray,
+    defaults: np.ndarray,
+    out: np.ndarray,
+    chunk: int = 1 << 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill ``out[:, j]`` at the sorted ``key`` from ``columns[j]``, interpolating between anchors.
+
+    Anchor ``i`` (sorted ``anchor_key[i]``) is row ``anchor_rows[i]`` of the columns (``i`` when
+    None), so the columns are read where they lie, never sorted or copied. Works in chunks of
+    ``chunk`` keys so that its temporaries stay small. Returns ``(exact, no_video)``.
+    """
+    n = key.shape[0]
+    m = anchor_key.shape[0]
+    exact = np.zeros(n, bool)
+    no_video = np.ones(n, bool)
+    if m == 0:
+        out[:] = defaults
+        return exact, no_video
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        k = key[lo:hi]
+        vid = k >> 32
+        pos = np.searchsorted(anchor_key, k, side="left")
+        right = np.minimum(pos, m - 1)
+        left = np.maximum(pos - 1, 0)
+        right_key = anchor_key[right]
+        right_ok = (pos < m) & ((right_key >> 32) == vid)
+        left_ok = (pos > 0) & ((anchor_key[left] >> 32) == vid)
+        del pos, vid
+        ex = right_ok & (right_key == k)
+        only_left = np.flatnonzero(left_ok & ~right_ok)
+        both = np.flatnonzero(left_ok & right_ok & ~ex)
+        none = np.flatnonzero(~(left_ok | right_ok))
+        lk = anchor_key[left[both]]
+        w = ((k[both] - lk) / (right_key[both] - lk)).astype(out.dtype)
+        if anchor_rows is not None:
+            right, left = anchor_rows[right], anchor_rows[left]
+        left_both = left[both]
+        left_only = left[only_left]
+        o = out[lo:hi]
+        for j, col in enumerate(columns):
+            oj = o[:, j]
+            np.take(col, right, out=oj)  # exact rows and rows with only a right anchor
+            oj[only_left] = col[left_only]
+            lv = col[left_both]
+            oj[both] = lv + (oj[both] - lv) * w
+            oj[none] = defaults[j]
+        exact[lo:hi] = ex
+        no_video[lo:hi] = False
+        no_video[lo + none] = True
+    return exact, no_video
 
 
 def align(gt: GroundTruth, pred: pl.DataFrame, where: str = "predictions") -> Aligned:
     """Put one variant's predictions on the ground-truth frames, filling those without one."""
-    _check_frames(pred["frame"], where)
-    n_rows = pred.height
-    p = pred.join(gt.videos, on=["source", "video"], how="inner")
-    n_unmatched = n_rows - p.height
-    if p.height == 0:
+    frame = _check_keys(pred, where)
+    vid = gt.video_ids(pred["source"], pred["video"])
+    matched = vid >= 0
+    n_unmatched = int((~matched).sum())
+    if not matched.any():
         sample = pred.select("source", "video").unique().head(3).rows()
         raise EvaluationError(
-            f"{where}: none of its {n_rows} rows belongs to a video of the ground truth for split "
-            f"{gt.split!r} (its videos include {sample}; the ground truth has {gt.videos.height} videos)"
+            f"{where}: none of its {pred.height} rows belongs to a video of the ground truth for split "
+            f"{gt.split!r} (its videos include {sample}; the ground truth has {gt.n_videos} videos)"
         )
-    p = p.with_columns(
-        key=pl.col("vid").cast(pl.Int64) * (1 << 32) + pl.col("frame"),
-        **{c: pl.col(c).fill_nan(None) for c in PROB_COLS + VA_COLS},
-    ).sort("key")
-    key = p["key"].to_numpy()
-    dup = np.flatnonzero(np.diff(key) == 0)
+    key = vid * (1 << 32) + frame
+    del vid, frame
+    rows = np.flatnonzero(matched) if n_unmatched else None  # anchor i is row rows[i] of pred
+    if rows is not None:
+        key = key[rows]
+    order = _sort_order(key)
+    if order is not None:
+        key = key[order]
+        rows = order if rows is None else rows[order]
+    del order
+    dup = np.flatnonzero(key[1:] == key[:-1])
     if dup.size:
-        r = p.row(int(dup[0]), named=True)
+        k = int(key[dup[0]])
+        s, v = np.argwhere(gt.vid_table == k >> 32)[0]
         raise EvaluationError(
-            f"{where}: {dup.size} duplicate predicted frames, e.g. source={r['source']!r} "
-            f"video={r['video']!r} frame={r['frame']}"
+            f"{where}: {dup.size} duplicate predicted frames, e.g. source={gt.sources[s]!r} "
+            f"video={gt.video_names[v]!r} frame={k & 0xFFFFFFFF}"
         )
-    ok_p = p.select(pl.all_horizontal(pl.col(PROB_COLS).is_not_null())).to_series().to_numpy()
-    ok_va = p.select(pl.all_horizontal(pl.col(VA_COLS).is_not_null())).to_series().to_numpy()
+    # the columns as they lie (null -> NaN), and which rows hold a usable value
+    cols = [pred[c].cast(pl.Float32).to_numpy() for c in PROB_COLS + VA_COLS]
 
-    def fill(cols: list[str], ok: np.ndarray, default: float):
-        if not ok.any():
-            return None, np.ones(gt.n, bool), np.ones(gt.n, bool)
-        sel = p.filter(pl.Series(ok)) if not ok.all() else p
-        values = np.ascontiguousarray(sel.select(cols).to_numpy().astype(np.float32, copy=False))
-        out, exact, no_video = interpolate_rows(key[ok], values, gt.key, np.float32(default))
-        return out, ~exact, no_video
+    def usable(group: list[np.ndarray]) -> np.ndarray | None:
+        """Anchors (sorted) whose values in ``group`` are all present; None when all are."""
+        if not any(np.isnan(c.sum(dtype=np.float64)) for c in group):
+            return None
+        bad = np.zeros(pred.height, bool)
+        for c in group:
+            bad |= np.isnan(c)
+        return ~(bad if rows is None else bad[rows])
 
-    probs, filled, no_video = fill(PROB_COLS, ok_p, 1.0 / NUM_EXPRESSIONS)
-    va, filled_va, no_video_va = fill(VA_COLS, ok_va, 0.0)
+    ok_p, ok_va = usable(cols[:NUM_EXPRESSIONS]), usable(cols[NUM_EXPRESSIONS:])
+    defaults = np.array([1.0 / NUM_EXPRESSIONS] * NUM_EXPRESSIONS + [0.0, 0.0], dtype=np.float32)
+    out = np.empty((gt.n, len(cols)), dtype=np.float32)
+
+    def fill(ok: np.ndarray | None, cols_: slice):
+        if ok is not None and not ok.any():
+            return False, np.ones(gt.n, bool), np.ones(gt.n, bool)
+        if ok is None:
+            k, r = key, rows
+        else:
+            k = key[ok]
+            r = np.flatnonzero(ok) if rows is None else rows[ok]
+        exact, no_video = fill_columns(k, r, cols[cols_], gt.key, defaults[cols_], out[:, cols_])
+        return True, ~exact, no_video
+
+    same = (ok_p is None and ok_va is None) or (
+        ok_p is not None and ok_va is not None and np.array_equal(ok_p, ok_va)
+    )
+    if same:  # the usual case: one pass for all ten columns
+        has, filled, no_video = fill(ok_p, slice(None))
+        if not has:
+            raise EvaluationError(f"{where}: every prediction row has null probabilities and VA")
+        has_va, filled_va, no_video_va = has, filled, no_video
+    else:
+        has, filled, no_video = fill(ok_p, slice(0, NUM_EXPRESSIONS))
+        has_va, filled_va, no_video_va = fill(ok_va, slice(NUM_EXPRESSIONS, None))
+    probs = out[:, :NUM_EXPRESSIONS] if has else None
+    va = out[:, NUM_EXPRESSIONS:] if has_va else None
     return Aligned(probs, va, filled, no_video, filled_va, no_video_va, n_unmatched)
 
 
@@ -459,7 +633,7 @@ def _ensemble_frame(gt: GroundTruth, a: Aligned) -> pl.DataFrame:
         cols[c] = a.probs[:, i] if a.probs is not None else pl.Series(c, [None] * gt.n, pl.Float32)
     for i, c in enumerate(VA_COLS):
         cols[c] = a.va[:, i] if a.va is not None else pl.Series(c, [None] * gt.n, pl.Float32)
-    return gt.frames.select(pl.lit(gt.split).alias("split"), "source", "video", "frame").with_columns(
+    return gt.frame_table().select(pl.lit(gt.split).alias("split"), "source", "video", "frame").with_columns(
         **{k: (v if isinstance(v, pl.Series) else pl.Series(k, v)) for k, v in cols.items()}
     )
 
@@ -541,7 +715,7 @@ def evaluate(
     out_dir = Path(out_dir)
     gt = load_ground_truth(accounting, split)
     _log(
-        f"{split}: {gt.n} scored frames in {gt.videos.height} videos ({gt.n_no_face} without a face), "
+        f"{split}: {gt.n} scored frames in {gt.n_videos} videos ({gt.n_no_face} without a face), "
         f"{int(gt.expr_mask.sum())} with expression, {int(gt.va_mask.sum())} with valence/arousal"
     )
 
@@ -603,7 +777,7 @@ def evaluate(
         "ground_truth": {
             "accounting": str(accounting),
             "n_frames": gt.n,
-            "n_videos": gt.videos.height,
+            "n_videos": gt.n_videos,
             "n_no_face": gt.n_no_face,
             "n_expr": int(gt.expr_mask.sum()),
             "n_va": int(gt.va_mask.sum()),

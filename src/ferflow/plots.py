@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         gt = evaluate.load_ground_truth(args.accounting, result["split"])
         ens = schemas.read_table(args.ensemble, schemas.PREDICTIONS)
-        joined = gt.frames.with_row_index("_row").join(ens, on=["source", "video", "frame"], how="inner")
+        joined = gt.frame_table().with_row_index("_row").join(ens, on=["source", "video", "frame"], how="inner")
         joined = joined.filter(pl.Series(gt.va_mask[joined["_row"].to_numpy()]))
         va_true = joined.select(pl.col("valence").cast(pl.Float64), pl.col("arousal").cast(pl.Float64)).to_numpy()
         va_pred = joined.select(pl.col("valence_right").cast(pl.Float64), pl.col("arousal_right").cast(pl.Float64)).to_numpy()
