@@ -1,0 +1,136 @@
+"""Predict every sample of one split with a trained variant.
+
+    python -m ferflow.predict --model results/models/V/model.pt --shards results/shards \\
+        --split validation --out results/predictions/V/validation.parquet
+
+Rebuilds the model from ``model.pt`` (``torch.load(weights_only=True)``; the pretrained weight
+file is not read again), reads the split's shards without augmentation and writes a PREDICTIONS
+table (``schemas.PREDICTIONS``): one row per sample, softmax probabilities p0..p7 in ABAW order and
+valence/arousal. A variant trained for one task only leaves the other task's columns null (its
+untrained head would otherwise look like a prediction). Rows are sorted by source, video, frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from . import data, devices, schemas
+from .labels import NUM_EXPRESSIONS
+
+log = logging.getLogger("ferflow.predict")
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, loader, device: torch.device) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Keys, softmax probabilities (n, 8) and valence/arousal (n, 2) for every sample of ``loader``."""
+    was_training = model.training
+    model.eval()
+    keys: list[str] = []
+    probs: list[torch.Tensor] = []
+    vas: list[torch.Tensor] = []
+    try:
+        for batch in loader:
+            with autocast(device):
+                out = model(to_device(batch["image"], device))
+            probs.append(torch.softmax(out.expr.float(), dim=1).cpu())
+            vas.append(out.va.float().cpu())
+            keys.extend(batch["key"])
+    finally:
+        model.train(was_training)
+    if not keys:
+        return keys, np.zeros((0, NUM_EXPRESSIONS), np.float32), np.zeros((0, 2), np.float32)
+    return keys, torch.cat(probs).numpy(), torch.cat(vas).numpy()
+
+
+def load_model(path: str | Path, device: torch.device):
+    """The model of a ``model.pt`` written by ``ferflow.train``, on ``device``, in eval mode."""
+    from .model import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "settings"):
+        if key not in ckpt:
+            raise KeyError(f"{path}: not a ferflow model file (no {key!r})")
+    settings = ckpt["settings"]
+    model = build_model(settings, load_pretrained=False)
+    model.load_state_dict(ckpt["model_state_dict"])
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    return model, settings
+
+
+def predictions_table(keys, probs, va, labels: pl.DataFrame, task: str = "both") -> pl.DataFrame:
+    """PREDICTIONS rows for ``keys``, with split/source/video/frame joined from labels.parquet."""
+    cols: dict[str, object] = {"key": keys}
+    for i in range(NUM_EXPRESSIONS):
+        cols[f"p{i}"] = probs[:, i].astype(np.float32)
+    cols["valence"] = va[:, 0].astype(np.float32)
+    cols["arousal"] = va[:, 1].astype(np.float32)
+    pred = pl.DataFrame(cols)
+    if task == "va":
+        pred = pred.with_columns([pl.lit(None, pl.Float32).alias(f"p{i}") for i in range(NUM_EXPRESSIONS)])
+    elif task == "expr":
+        pred = pred.with_columns(pl.lit(None, pl.Float32).alias(c) for c in ("valence", "arousal"))
+    joined = pred.join(labels.select("key", "split", "source", "video", "frame"), on="key", how="left")
+    missing = joined.filter(pl.col("split").is_null())
+    if missing.height:
+        raise KeyError(f"{missing.height} predicted keys are not in labels.parquet, e.g. {missing['key'][0]!r}")
+    return schemas.conform(joined.sort("source", "video", "frame"), schemas.PREDICTIONS, "predictions")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ferflow.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model.pt written by ferflow.train")
+    p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--out", required=True, help="PREDICTIONS parquet to write")
+    p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--lock-dir", default=None, help="GPU lock folder (default: $FERFLOW_GPU_LOCK_DIR or a temp folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    with devices.select_device(args.device, args.lock_dir) as device:
+        model, settings = load_model(args.model, device)
+        labels = data.read_labels(args.shards)
+        loader, stream = data.make_loader(
+            args.shards, args.split, batch_size=args.batch_size, input_size=int(settings["input_size"]),
+            train=False, workers=args.workers, labels=labels, pin_memory=device.type == "cuda",
+        )
+        keys, probs, va = infer(model, loader, device)
+    if len(keys) != len(stream.index):
+        raise RuntimeError(f"{args.split}: predicted {len(keys)} samples, labels.parquet lists {len(stream.index)}")
+    table = predictions_table(keys, probs, va, labels, settings.get("task", "both"))
+    schemas.write_table(table, args.out, schemas.PREDICTIONS)
+    log.info("wrote %d predictions of %s to %s", table.height, args.split, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

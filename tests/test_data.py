@@ -1,0 +1,259 @@
+"""The training loader: shards, labels, bootstrap, frame_step, determinism, resume, tar checks.
+
+``write_synthetic_shards`` is also used by test_train.py and test_predict.py: it writes tiny shards
+in the layout of ``ferflow.shards`` (WebDataset tars of ``{key}.jpg`` + labels.parquet) holding a
+learnable task: the expression class is the colour of the image border, valence the grey level of
+the upper half of the interior, arousal that of the lower half (all invariant to horizontal flips).
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import webdataset as wds
+
+from ferflow import data, schemas
+
+CLASS_COLOURS = np.array(
+    [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
+     [255, 255, 255]], dtype=np.float32)
+
+
+def synthetic_image(cls: int, valence: float, arousal: float, size: int, rng: np.random.Generator) -> np.ndarray:
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = CLASS_COLOURS[cls]
+    b = size // 4
+    mid = size // 2
+    img[b:mid, b:size - b] = 128 + 110 * valence
+    img[mid:size - b, b:size - b] = 128 + 110 * arousal
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_synthetic_shards(
+    root: Path,
+    splits: dict[str, int],
+    *,
+    per_shard: int = 16,
+    size: int = 48,
+    videos: int = 3,
+    seed: int = 0,
+    missing: bool = True,
+) -> pl.DataFrame:
+    """Write ``<root>/<split>/shard-*.tar`` and ``<root>/labels.parquet``; returns the labels.
+
+    ``splits``: samples per split. Samples are spread over ``videos`` videos per split (names with a
+    dot, as allowed in keys) and shuffled across shards. With ``missing`` some samples lack the
+    expression label and some the VA labels.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, n in splits.items():
+        recs = []
+        for i in range(n):
+            video = f"clip.{i % videos}_left"
+            frame = i // videos
+            cls = int(rng.integers(0, 8))
+            v, a = (float(x) for x in rng.uniform(-0.9, 0.9, 2))
+            img = synthetic_image(cls, v, a, size, rng)
+            expr = None if (missing and i % 11 == 5) else cls
+            va = (None, None) if (missing and i % 13 == 7) else (v, a)
+            key = f"{split}/synth/{video}/{frame:06d}"
+            recs.append((key, split, video, frame, expr, va, img))
+        order = rng.permutation(len(recs))
+        recs = [recs[j] for j in order]
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for s in range(0, len(recs), per_shard):
+            shard = f"{split}/shard-{s // per_shard:05d}.tar"
+            with wds.TarWriter(str(root / shard)) as sink:
+                for key, split_, video, frame, expr, va, img in recs[s:s + per_shard]:
+                    ok, jpg = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    assert ok
+                    sink.write({"__key__": key, "jpg": jpg.tobytes()})
+                    rows.append({"key": key, "split": split_, "source": "synth", "video": video,
+                                 "frame": frame, "expression": expr, "valence": va[0], "arousal": va[1],
+                                 "shard": shard})
+    labels = pl.DataFrame(rows, schema_overrides={"expression": pl.Int8, "valence": pl.Float32,
+                                                  "arousal": pl.Float32})
+    schemas.write_table(labels, root / "labels.parquet", schemas.LABELS)
+    return schemas.read_table(root / "labels.parquet", schemas.LABELS)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(root, {"train": 60, "validation": 20})
+    return root
+
+
+def collect(loader) -> list[dict]:
+    return [b for b in loader]
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_count_is_poisson_and_deterministic():
+    keys = [f"train/s/v{i % 50}/{i:06d}" for i in range(20000)]
+    counts = np.array([data.bootstrap_count(k, 7) for k in keys])
+    assert abs(counts.mean() - 1.0) < 0.03
+    assert abs(counts.var() - 1.0) < 0.06
+    assert abs((counts == 0).mean() - np.exp(-1)) < 0.015
+    again = np.array([data.bootstrap_count(k, 7) for k in keys])
+    assert np.array_equal(counts, again)
+    other = np.array([data.bootstrap_count(k, 8) for k in keys])
+    assert not np.array_equal(counts, other)
+
+
+def test_eval_loader_reads_every_sample_with_labels(shards):
+    labels = data.read_labels(shards)
+    loader, stream = data.make_loader(shards, "validation", batch_size=8, input_size=32, train=False)
+    batches = collect(loader)
+    keys = keys_of(batches)
+    val = labels.filter(pl.col("split") == "validation")
+    assert sorted(keys) == sorted(val["key"].to_list())
+    b = batches[0]
+    assert b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, 32, 32)
+    assert b["expr"].dtype == torch.int64 and b["va"].dtype == torch.float32 and b["va"].shape[1] == 2
+    truth = {r["key"]: r for r in val.iter_rows(named=True)}
+    for batch in batches:
+        for k, e, va in zip(batch["key"], batch["expr"].tolist(), batch["va"].tolist()):
+            r = truth[k]
+            assert e == (-1 if r["expression"] is None else r["expression"])
+            if r["valence"] is None:
+                assert np.isnan(va).all()
+            else:
+                assert va == pytest.approx([r["valence"], r["arousal"]], abs=1e-6)
+    assert sum(stream.batches_per_worker()) == len(batches)
+
+
+def test_train_stream_applies_bootstrap(shards):
+    labels = data.read_labels(shards).filter(pl.col("split") == "train")
+    loader, stream = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True,
+                                      augment=["flip"], seed=3, bootstrap=True)
+    counts = Counter(keys_of(collect(loader)))
+    expected = {k: data.bootstrap_count(k, 3) for k in labels["key"]}
+    assert counts == Counter({k: c for k, c in expected.items() if c})
+    assert sum(stream.samples_per_worker()) == sum(expected.values())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_is_deterministic_for_seed_and_workers(shards, workers):
+    def run(seed):
+        loader, _ = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True,
+                                     augment=["flip", "crop", "color", "affine", "erase"], seed=seed,
+                                     epoch=1, bootstrap=True, workers=workers)
+        return collect(loader)
+
+    a, b, c = run(5), run(5), run(6)
+    assert keys_of(a) == keys_of(b)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert keys_of(a) != keys_of(c)
+    # shuffled: not in shard order
+    plain, _ = data.make_loader(shards, "train", batch_size=8, input_size=32, train=False)
+    assert keys_of(a) != keys_of(collect(plain))
+
+
+def test_epochs_shuffle_differently(shards):
+    def run(epoch):
+        loader, _ = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True,
+                                     seed=1, epoch=epoch, bootstrap=False)
+        return keys_of(collect(loader))
+
+    assert run(0) != run(1)
+    assert sorted(run(0)) == sorted(run(1))
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resume_position_continues_the_stream_exactly(shards, workers):
+    """Batches consumed before a 'kill' + batches of a loader resumed at that position == all."""
+    kw = dict(batch_size=5, input_size=32, train=True, augment=["flip", "erase"], seed=2, epoch=0,
+              bootstrap=True, workers=workers)
+    loader, _ = data.make_loader(shards, "train", **kw)
+    full = collect(loader)
+    for cut in (1, 3, len(full) - 1):
+        position = data.DataPosition.start(0, workers)
+        for b in full[:cut]:
+            position.advance(b["worker"])
+        resumed, _ = data.make_loader(shards, "train", position=position, **kw)
+        rest = collect(resumed)
+        assert keys_of(full[cut:]) == keys_of(rest), f"cut {cut}"
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(full[cut:], rest))
+
+
+def test_frame_step_keeps_every_nth_frame_per_video(shards):
+    labels = data.read_labels(shards)
+    loader, _ = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True,
+                                 bootstrap=False, frame_step=3, labels=labels)
+    got = set(keys_of(collect(loader)))
+    train = labels.filter(pl.col("split") == "train")
+    want = set()
+    for (_, video), group in train.group_by(["source", "video"]):
+        frames = sorted(group["frame"].to_list())
+        want |= {f"train/synth/{video}/{f:06d}" for f in frames[::3]}
+    assert got == want
+    assert 0 < len(got) < train.height
+    # validation is never subsampled
+    val, _ = data.make_loader(shards, "validation", batch_size=8, input_size=32, train=False,
+                              frame_step=3, labels=labels)
+    assert len(keys_of(collect(val))) == labels.filter(pl.col("split") == "validation").height
+
+
+def test_frame_step_mask_ranks_frames_not_values():
+    labels = pl.DataFrame({"split": ["train"] * 5, "source": ["s"] * 5, "video": ["a", "a", "a", "b", "b"],
+                           "frame": [10, 2, 7, 5, 9]})
+    assert data.frame_step_mask(labels, 2).tolist() == [True, True, False, True, False]
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("name", ["/etc/evil.jpg", "train/../../evil.jpg", "../x/000001.jpg"])
+def test_unsafe_member_names_are_refused_naming_the_shard(tmp_path, shards, name):
+    root = tmp_path / "bad"
+    (root / "train").mkdir(parents=True)
+    labels = data.read_labels(shards)
+    schemas.write_table(labels, root / "labels.parquet", schemas.LABELS)
+    shard = root / "train" / "shard-00000.tar"
+    _write_tar(shard, {name: b"not a jpeg"})
+    loader, _ = data.make_loader(root, "train", batch_size=4, input_size=32, train=False)
+    with pytest.raises(data.UnsafeMemberError) as err:
+        collect(loader)
+    assert str(shard) in str(err.value) and name in str(err.value)
+
+
+def test_sample_missing_from_labels_is_an_error(tmp_path, shards):
+    root = tmp_path / "orphan"
+    (root / "train").mkdir(parents=True)
+    schemas.write_table(data.read_labels(shards), root / "labels.parquet", schemas.LABELS)
+    _write_tar(root / "train" / "shard-00000.tar", {"train/synth/none/000001.jpg": b"x"})
+    loader, _ = data.make_loader(root, "train", batch_size=4, input_size=32, train=False)
+    with pytest.raises(KeyError, match="no row in labels.parquet"):
+        collect(loader)
+
+
+def test_missing_split_is_a_clear_error(shards):
+    with pytest.raises(FileNotFoundError, match="test"):
+        data.make_loader(shards, "test", batch_size=4, input_size=32, train=False)
+
+
+def test_unknown_augmentation_is_refused():
+    with pytest.raises(ValueError, match="blur"):
+        data.build_transform(32, ["flip", "blur"])
