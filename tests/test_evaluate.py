@@ -207,6 +207,10 @@ def test_fill_matches_a_per_video_np_interp_reference_on_shuffled_input(seed):
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     np.testing.assert_array_equal(outs[0][2], outs[1][2])
+    values, exact, no_video = evaluate.interpolate_rows(ak, av, key, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(values, outs[0][0])
+    assert exact.sum() == 40  # every anchor is one of the keys
+    np.testing.assert_array_equal(no_video, outs[0][2])
 
 
 def test_align_rejects_duplicates_and_foreign_videos():
@@ -581,3 +585,69 @@ def test_cli_errors_name_the_file_and_the_problem(tmp_path, capsys):
         evaluate.main(["--predictions", f"a={paths['a']}", "--accounting", str(acc_path), "--smoothing", "4"])
     assert "odd" in capsys.readouterr().err
     assert not (out / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# submission export (ABAW3 format) and its checker
+
+
+def test_submission_export_pads_cuts_and_passes_its_checker(tmp_path, capsys):
+    acc_path, paths, raw, acc = _write_dataset(tmp_path)
+    counts = tmp_path / "faces.parquet"  # FACES-like: one row per frame with the video's frame count
+    pl.DataFrame({"video": ["v0"] * 3 + ["v1"] * 2 + ["extra"], "n_frames": [85] * 3 + [55] * 2 + [10]}).write_parquet(counts)
+    test_list = tmp_path / "test_list.txt"
+    test_list.write_text("v1\nv0.txt\n\nv2\nextra\n")
+    out, sub = tmp_path / "ev", tmp_path / "submission"
+    rc = evaluate.main([
+        "--predictions", f"a={paths['a']}", f"b={paths['b']}", "--accounting", str(acc_path), "--out-dir", str(out),
+        "--no-plots", "--submission-dir", str(sub), "--test-list", str(test_list), "--frame-counts", str(counts),
+    ])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["submission"]["problems"] == [] and result["submission"]["videos"] == 4
+    assert result["submission"]["frames"] == 85 + 55 + 25 + 10  # v2: last scored frame + 1
+
+    ens = schemas.read_table(out / "ensemble_validation.parquet", schemas.PREDICTIONS)
+    for video, n in (("v0", 85), ("v1", 55), ("v2", 25), ("extra", 10)):
+        expr = (sub / "EXPR" / f"{video}.txt").read_text().splitlines()
+        va = (sub / "VA" / f"{video}.txt").read_text().splitlines()
+        assert expr[0] == "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+        assert va[0] == "valence,arousal"
+        assert len(expr) == len(va) == n + 1
+        e = ens.filter(pl.col("video") == video).sort("frame")
+        if video == "extra":  # not in the split: uniform -> class 0, VA 0
+            assert set(expr[1:]) == {"0"} and set(va[1:]) == {"0.000000,0.000000"}
+            continue
+        probs = e.select([f"p{i}" for i in range(8)]).to_numpy()
+        frames = e["frame"].to_numpy()
+        got_e = np.array(expr[1:], dtype=int)
+        got_va = np.array([line.split(",") for line in va[1:]], dtype=float)
+        inside = frames[frames < n]
+        assert got_e[inside].tolist() == probs[frames < n].argmax(axis=1).tolist()
+        np.testing.assert_allclose(got_va[inside], np.clip(e.select("valence", "arousal").to_numpy()[frames < n], -1, 1), atol=1e-6)
+        if n > frames.max() + 1:  # padded past the last scored frame: copies of it
+            assert set(got_e[frames.max():].tolist()) == {got_e[frames.max()]}
+
+    # the checker, on its own: clean, then broken in three ways
+    assert evaluate.main(["--check-submission", str(sub), "--frame-counts", str(counts), "--test-list", str(test_list)]) == 0
+    (sub / "EXPR" / "v0.txt").write_text("Neutral\n" + "0\n" * 85)
+    (sub / "EXPR" / "v1.txt").write_text("Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\n" + "9\n" * 54)
+    (sub / "VA" / "v2.txt").unlink()
+    problems = evaluate.check_submission(sub, evaluate.read_frame_counts([counts]), evaluate.read_test_list(test_list))
+    assert any(p.startswith("EXPR/v0.txt: first line") for p in problems)
+    assert "EXPR/v1.txt: 54 frame lines, the video has 55 frames" in problems
+    assert "EXPR/v1.txt: values outside 0..7" in problems
+    assert "VA/v2.txt: missing" in problems
+    capsys.readouterr()
+    assert evaluate.main(["--check-submission", str(sub), "--frame-counts", str(counts), "--test-list", str(test_list)]) == 1
+    assert "4 problems" in capsys.readouterr().out
+
+
+def test_submission_rejects_unknown_videos(tmp_path, capsys):
+    acc_path, paths, raw, acc = _write_dataset(tmp_path)
+    test_list = tmp_path / "test_list.txt"
+    test_list.write_text("v0\nnowhere\n")
+    rc = evaluate.main(["--predictions", f"a={paths['a']}", "--accounting", str(acc_path), "--out-dir", str(tmp_path / "ev"),
+                        "--no-plots", "--submission-dir", str(tmp_path / "sub"), "--test-list", str(test_list)])
+    assert rc == 2
+    assert "no scored frame in split 'validation' and no frame count" in capsys.readouterr().err

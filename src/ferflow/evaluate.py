@@ -41,6 +41,9 @@ Smoothing
 Outputs in ``--out-dir``: ``metrics.json`` (see :func:`evaluate`), ``ensemble_{split}.parquet``
 (PREDICTIONS of the ensemble on every ground-truth frame, unsmoothed; plus
 ``ensemble_{split}_smoothed.parquet`` when smoothing), and the plots of :mod:`ferflow.plots`.
+With ``--submission-dir``, the (smoothed, when smoothing) ensemble is also written in the ABAW3
+format, one file per video and task, every frame of the video (see :func:`export_submission`),
+and checked (:func:`check_submission`; ``--check-submission DIR`` checks a folder on its own).
 A table is printed at the end, whose last line is
 ``ensemble: expr_f1=0.xxx va_ccc_mean=0.xxx (valence 0.xxx, arousal 0.xxx)`` (unsmoothed).
 """
@@ -50,8 +53,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +64,7 @@ import numpy as np
 import polars as pl
 
 from . import atomic, metrics, schemas
-from .labels import EXPRESSIONS, NUM_EXPRESSIONS
+from .labels import EXPR_HEADER, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER
 
 PROB_COLS = [f"p{i}" for i in range(NUM_EXPRESSIONS)]
 VA_COLS = ["valence", "arousal"]
@@ -670,6 +673,9 @@ def evaluate(
     smoothing: int | str = 0,
     smoothing_windows: Sequence[int] = AUTO_WINDOWS,
     plots: bool = True,
+    submission_dir: str | os.PathLike | None = None,
+    test_list: Sequence[str] | None = None,
+    frame_counts: Mapping[str, int] | None = None,
 ) -> dict:
     """Run the stage and return the content of ``metrics.json``.
 
@@ -680,7 +686,8 @@ def evaluate(
                              "search": [{"window", "expr_f1", "va_ccc_mean"}...],
                              "ensemble": M, "variants": {name: M}},
          "vote": {"weights": {...}, "va_weights": {...}, "rule": ...},
-         "ground_truth": {...}, "inputs": {...}, "outputs": {...}}
+         "ground_truth": {...}, "inputs": {...}, "outputs": {...},
+         "submission": null | {"dir", "tasks", "videos", "frames", "smoothed", "problems"}}
 
     where M holds ``expr_f1`` (macro over 8 classes), ``expr_accuracy``, ``expr_f1_per_class``
     (class name -> F1), ``expr_confusion`` (8x8 counts, rows = truth), ``va_ccc_valence``,
@@ -794,9 +801,187 @@ def evaluate(
             {k: str(v) for k, v in plotting.plot_evaluation(result, out_dir, gt.va[gt.va_mask], va_pred).items()}
         )
 
+    result["submission"] = None
+    if submission_dir is not None:
+        final = ens_s if ens_s is not None else ens
+        sub = export_submission(gt, final, submission_dir, test_list, frame_counts)
+        sub["smoothed"] = ens_s is not None
+        sub["problems"] = check_submission(submission_dir, frame_counts, test_list)
+        result["submission"] = sub
+        _log(f"submission: {sub['videos']} videos, {sub['frames']} frames in {submission_dir} "
+             f"({', '.join(sub['tasks'])}; {'smoothed' if sub['smoothed'] else 'unsmoothed'})")
+        for problem in sub["problems"]:
+            _log(f"submission problem: {problem}")
+
     result = _json_clean(result)
     atomic.write_text(out_dir / "metrics.json", dumps(result))
+    if result["submission"] and result["submission"]["problems"]:
+        raise EvaluationError(f"submission in {submission_dir} fails its check: {result['submission']['problems'][:5]}")
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# submission (ABAW3 format)
+
+
+def read_test_list(path: str | os.PathLike) -> list[str]:
+    """Video names, one a line (blank lines and '#' comments skipped, a '.txt' suffix dropped)."""
+    names = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(line[:-4] if line.endswith(".txt") else line)
+    if not names:
+        raise EvaluationError(f"{path}: the test list names no video")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise EvaluationError(f"{path}: videos listed twice: {dups[:5]}")
+    return names
+
+
+def read_frame_counts(paths: Sequence[str | os.PathLike]) -> dict[str, int]:
+    """Frames of each video from parquet files with ``video`` and ``n_frames`` columns (FACES)."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such frame-count table")
+        df = pl.read_parquet(path, columns=None)
+        missing = [c for c in ("video", "n_frames") if c not in df.columns]
+        if missing:
+            raise EvaluationError(f"{path}: frame-count table lacks columns {missing}")
+        per_video = df.group_by("video").agg(pl.col("n_frames").min().alias("lo"), pl.col("n_frames").max().alias("hi"))
+        for video, lo, hi in per_video.iter_rows():
+            if lo != hi or (video in counts and counts[video] != hi):
+                raise EvaluationError(f"{path}: video {video!r} has conflicting frame counts")
+            counts[video] = int(hi)
+    return counts
+
+
+def export_submission(
+    gt: GroundTruth,
+    ens: Aligned,
+    out_dir: str | os.PathLike,
+    videos: Sequence[str] | None = None,
+    frame_counts: Mapping[str, int] | None = None,
+) -> dict:
+    """One ABAW3 file per video and task: ``out_dir/EXPR/{video}.txt`` and ``out_dir/VA/{video}.txt``.
+
+    Every frame ``0 .. n-1`` of a video gets a line, ``n`` from ``frame_counts`` (the decoded
+    video) or else the last scored frame + 1: frames between or beyond the scored ones are
+    interpolated / copied from the nearest, as for the evaluation, and frames past the video's end
+    are cut. Videos are matched by name (``videos`` defaults to every scored video); a listed video
+    without any scored frame gets uniform probabilities (class 0) and VA 0 when its frame count is
+    known, and is an error otherwise.
+    """
+    out_dir = Path(out_dir)
+    frame_counts = dict(frame_counts or {})
+    table = gt.videos()
+    by_name: dict[str, int] = {}
+    ambiguous = set()
+    for vid, _, name in table.iter_rows():
+        if name in by_name:
+            ambiguous.add(name)
+        by_name[name] = vid
+    videos = list(videos) if videos is not None else list(dict.fromkeys(table["video"].to_list()))
+    bad = sorted(ambiguous & set(videos))
+    if bad:
+        raise EvaluationError(f"submission: video names found in several sources: {bad[:5]}")
+    unknown = [v for v in videos if v not in by_name and v not in frame_counts]
+    if unknown:
+        raise EvaluationError(
+            f"submission: {len(unknown)} listed videos have no scored frame in split {gt.split!r} and no "
+            f"frame count (--frame-counts): {unknown[:5]}"
+        )
+    # frames per video: decoded count if known, else last scored frame + 1
+    vid_of = gt.key >> 32
+    last = np.searchsorted(vid_of, np.arange(table.height), side="right") - 1
+    last_frame = gt.key[last] & 0xFFFFFFFF
+    n_of = [frame_counts[v] if v in frame_counts else int(last_frame[by_name[v]]) + 1 for v in videos]
+    parts = [np.int64(by_name[v]) * (1 << 32) + np.arange(n, dtype=np.int64) for v, n in zip(videos, n_of) if v in by_name]
+    key = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    order = _sort_order(key)  # listed order need not be vid order
+    cols = ([ens.probs[:, j] for j in range(NUM_EXPRESSIONS)] if ens.probs is not None else []) + (
+        [ens.va[:, j] for j in range(2)] if ens.va is not None else []
+    )
+    defaults = np.array(
+        ([1.0 / NUM_EXPRESSIONS] * NUM_EXPRESSIONS if ens.probs is not None else []) + ([0.0, 0.0] if ens.va is not None else []),
+        dtype=np.float32,
+    )
+    values = np.empty((key.shape[0], len(cols)), dtype=np.float32)
+    if key.size:
+        sorted_key = key if order is None else key[order]
+        filled = np.empty_like(values)
+        fill_columns(gt.key, None, cols, sorted_key, defaults, filled)
+        if order is None:
+            values = filled
+        else:
+            values[order] = filled
+    expr = values[:, :NUM_EXPRESSIONS].argmax(axis=1) if ens.probs is not None else None
+    va = np.clip(values[:, -2:], -1, 1) if ens.va is not None else None
+    tasks = [t for t, x in (("EXPR", expr), ("VA", va)) if x is not None]
+    for t in tasks:
+        (out_dir / t).mkdir(parents=True, exist_ok=True)
+    start = 0
+    for v, n in zip(videos, n_of):
+        if v in by_name:
+            rows = slice(start, start + n)
+            start += n
+            e_v = expr[rows] if expr is not None else None
+            va_v = va[rows] if va is not None else None
+        else:
+            e_v = np.zeros(n, np.int64)
+            va_v = np.zeros((n, 2), np.float32)
+        if e_v is not None:
+            atomic.write_text(out_dir / "EXPR" / f"{v}.txt", EXPR_HEADER + "\n" + "".join(f"{c}\n" for c in e_v.tolist()))
+        if va_v is not None:
+            with atomic.atomic_path(out_dir / "VA" / f"{v}.txt") as tmp:
+                pl.DataFrame({"valence": va_v[:, 0], "arousal": va_v[:, 1]}).write_csv(tmp, float_precision=6)
+    return {"dir": str(out_dir), "tasks": tasks, "videos": len(videos), "frames": int(sum(n_of))}
+
+
+def check_submission(
+    sub_dir: str | os.PathLike, frame_counts: Mapping[str, int] | None = None, videos: Sequence[str] | None = None
+) -> list[str]:
+    """Problems of an ABAW3 submission directory (empty when it is fine).
+
+    Checks, per task folder present (``EXPR``, ``VA``): the header, one line per frame of the
+    video (when its count is known), values (EXPR: an integer 0..7; VA: two numbers in [-1, 1]),
+    and that every listed video has a file.
+    """
+    sub_dir = Path(sub_dir)
+    frame_counts = frame_counts or {}
+    problems = []
+    tasks = [t for t in ("EXPR", "VA") if (sub_dir / t).is_dir()]
+    if not tasks:
+        return [f"{sub_dir}: neither an EXPR nor a VA folder"]
+    for task in tasks:
+        header = EXPR_HEADER if task == "EXPR" else VA_HEADER
+        files = sorted((sub_dir / task).glob("*.txt"))
+        for name in sorted(set(videos or ()) - {f.stem for f in files}):
+            problems.append(f"{task}/{name}.txt: missing")
+        for f in files:
+            where = f"{task}/{f.name}"
+            lines = f.read_text().splitlines()
+            if not lines or lines[0] != header:
+                problems.append(f"{where}: first line must be {header!r}")
+                continue
+            body = lines[1:]
+            want = frame_counts.get(f.stem)
+            if want is not None and len(body) != want:
+                problems.append(f"{where}: {len(body)} frame lines, the video has {want} frames")
+            try:
+                if task == "EXPR":
+                    x = np.array(body, dtype=np.int64)
+                    ok = bool(((x >= 0) & (x < NUM_EXPRESSIONS)).all())
+                else:
+                    x = np.array([line.split(",") for line in body], dtype=np.float64).reshape(len(body), 2)
+                    ok = bool((np.abs(x) <= 1).all())
+            except ValueError:
+                problems.append(f"{where}: a line is not {'an integer' if task == 'EXPR' else 'two numbers'}")
+                continue
+            if not ok:
+                problems.append(f"{where}: values outside {'0..7' if task == 'EXPR' else '[-1, 1]'}")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -881,13 +1066,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="python -m ferflow.evaluate",
         description="Fill, soft-vote, smooth and score the variants' predictions against the ground truth.",
     )
-    p.add_argument("--predictions", nargs="+", required=True, metavar="NAME=PATH",
+    p.add_argument("--predictions", nargs="+", metavar="NAME=PATH",
                    help="one PREDICTIONS parquet per variant")
     p.add_argument("--weights", nargs="*", metavar="NAME=W",
                    help="weights of the class-probability vote (default 1; unnamed variants get 1)")
     p.add_argument("--va-weights", nargs="*", metavar="NAME=W",
                    help="weights of the valence/arousal mean (default 1; unnamed variants get 1)")
-    p.add_argument("--accounting", required=True, help="ACCOUNTING parquet (the ground truth)")
+    p.add_argument("--accounting", help="ACCOUNTING parquet (the ground truth)")
     p.add_argument("--split", default="validation")
     p.add_argument("--smoothing", type=_smoothing_arg, default=0, metavar="W|auto",
                    help="centred mean window in frames (odd; 0 = off) or 'auto' to choose it on this split")
@@ -895,12 +1080,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="candidate windows for --smoothing auto (default %(default)s)")
     p.add_argument("--out-dir", default="results/evaluation")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sub = p.add_argument_group("submission (ABAW3 format)")
+    sub.add_argument("--submission-dir", help="write EXPR/{video}.txt and VA/{video}.txt here (smoothed when smoothing)")
+    sub.add_argument("--test-list", help="videos to export, one name a line (default: every video of the split)")
+    sub.add_argument("--frame-counts", nargs="+", metavar="PARQUET",
+                     help="tables with video and n_frames (FACES) giving each video's real frame count")
+    sub.add_argument("--check-submission", metavar="DIR",
+                     help="only check an existing submission folder (with --frame-counts / --test-list)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.check_submission is None and (not args.predictions or not args.accounting):
+        parser.error("--predictions and --accounting are required (unless --check-submission)")
     try:
+        test_list = read_test_list(args.test_list) if args.test_list else None
+        frame_counts = read_frame_counts(args.frame_counts) if args.frame_counts else None
+        if args.check_submission is not None:
+            problems = check_submission(args.check_submission, frame_counts, test_list)
+            for problem in problems:
+                print(problem)
+            print(f"{args.check_submission}: {'OK' if not problems else f'{len(problems)} problems'}")
+            return 1 if problems else 0
         predictions = _pairs(args.predictions, "--predictions")
         weights = _pairs(args.weights, "--weights", float)
         va_weights = _pairs(args.va_weights, "--va-weights", float)
@@ -911,6 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate(
             predictions, args.accounting, split=args.split, out_dir=args.out_dir, weights=weights,
             va_weights=va_weights, smoothing=args.smoothing, smoothing_windows=windows, plots=not args.no_plots,
+            submission_dir=args.submission_dir, test_list=test_list, frame_counts=frame_counts,
         )
     except (EvaluationError, schemas.SchemaError, FileNotFoundError) as exc:
         print(f"ferflow.evaluate: error: {exc}", file=sys.stderr)
