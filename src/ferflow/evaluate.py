@@ -695,6 +695,10 @@ def evaluate(
     (frames with that label), ``n_filled`` / ``n_filled_va`` (frames without the variant's own
     prediction, interpolated) and ``n_no_video`` / ``n_no_video_va`` (frames of videos without
     any prediction, uniform / 0). Undefined numbers are null.
+
+    Memory: one variant at a time plus the running vote (about 80 bytes per scored frame); with
+    smoothing every variant's filled values are kept until the smoothed scores (40 bytes per frame
+    and variant).
     """
     names = list(predictions)
     if not names:
