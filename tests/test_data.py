@@ -176,6 +176,7 @@ def test_epochs_shuffle_differently(shards):
     assert sorted(run(0)) == sorted(run(1))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_resume_position_continues_the_stream_exactly(shards, workers):
     """Batches consumed before a 'kill' + batches of a loader resumed at that position == all."""

@@ -127,6 +127,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="validation", help="evaluated after each epoch when present")
     p.add_argument("--lock-dir", default=None, help="GPU lock folder (default: $FERFLOW_GPU_LOCK_DIR or a temp folder)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op CPU threads (default: torch's choice; pass the job's cores)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     return p
@@ -161,6 +163,16 @@ def train_loader(shards, split: str, settings: dict, index: data.LabelIndex, epo
 # model, optimiser, schedule
 
 
+def make_optimizer(params, settings: dict) -> torch.optim.Optimizer:
+    """Adam or AdamW; the fused implementation (one kernel over all parameters, CPU and CUDA) is
+    several times faster than the default for DAN's ~20 M parameters on the CPU."""
+    name = settings["optimizer"]
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {name!r}; valid: adam, adamw")
+    opt_cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return opt_cls(params, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]), fused=True)
+
+
 def build(settings: dict, device: torch.device):
     from .losses import DANLoss
     from .model import build_model
@@ -174,9 +186,9 @@ def build(settings: dict, device: torch.device):
     criterion.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed input size; GPU runs are not bit-exact anyway
     params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
-    optimizer = opt_cls(params, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]))
+    optimizer = make_optimizer(params, settings)
     schedule = settings["schedule"]
     if schedule == "exponential":
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(settings["lr_gamma"]))
@@ -326,6 +338,8 @@ class Trainer:
         loader, stream = train_loader(self.args.shards, self.args.train_split, s, self.train_index, self.epoch,
                                       self.position, device.type == "cuda")
         total = sum(stream.batches_per_worker())
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         self.model.train()
         self.criterion.train()
         bar = tqdm(total=total, initial=sum(self.position.batches), desc=f"epoch {self.epoch + 1}/{s['epochs']}",
@@ -356,6 +370,8 @@ class Trainer:
         row = {f"loss_{k}": self.sums.get(k, 0.0) / samples if samples else math.nan for k in LOSS_PARTS}
         row["train_samples"] = int(samples)
         row["train_img_per_s"] = samples / self.sums["seconds"] if self.sums.get("seconds") else math.nan
+        if device.type == "cuda":
+            row["gpu_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         return row
 
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -502,6 +518,8 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = resolve_settings(read_settings(args.settings))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

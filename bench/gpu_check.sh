@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# GPU check for a lent GPU machine only (never in CI): a short DAN-ResNet-50 training at batch 256
+# with bf16 autocast and channels-last, printing images/s and peak GPU memory. Under 3 minutes.
+#
+#   bash bench/gpu_check.sh            # PYTHON=... to choose the interpreter (default python3)
+#
+# Part 1 needs only torch + torchvision: it times the trainer's step (ferflow.model + ferflow.losses,
+# Adam, gradient clipping, bf16 autocast, channels-last) on a synthetic uint8 batch already on the
+# GPU, next to a plain torchvision ResNet-50 + linear head, and prints the ratio.
+# Part 2, when webdataset and polars import (carry them as wheels on a bare machine), runs the real
+# `python -m ferflow.train` for one epoch on synthetic shards (loader workers included) and prints
+# the images/s and peak GPU memory it logged to history.csv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi -L || true
+
+timeout 120 "$PY" - <<'EOF'
+import time
+import torch
+import torch.nn.functional as F
+import torchvision
+from ferflow.losses import DANLoss
+from ferflow.model import build_model
+
+assert torch.cuda.is_available(), "no CUDA device"
+dev = torch.device("cuda")
+torch.backends.cudnn.benchmark = True
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+B, S, WARMUP, STEPS = 256, 224, 5, 20
+images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=dev).contiguous(memory_format=torch.channels_last)
+expr = torch.randint(0, 8, (B,), device=dev)
+va = torch.rand(B, 2, device=dev) * 2 - 1
+
+
+def dan():
+    model = build_model({"backbone": "resnet50", "heads": 4}).to(dev).to(memory_format=torch.channels_last)
+    crit = DANLoss("both").to(dev)
+    params = list(model.parameters()) + list(crit.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images)
+            loss, _ = crit(out, expr, va)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    return step
+
+
+def plain():
+    net = torchvision.models.resnet50(num_classes=10).to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1) * 255
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(((images.float() - mean) / std).contiguous(memory_format=torch.channels_last))
+            loss = F.cross_entropy(out[:, :8].float(), expr) + F.mse_loss(torch.tanh(out[:, 8:].float()), va)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+    return step
+
+
+rates = {}
+for name, make in (("DAN-ResNet-50", dan), ("plain ResNet-50", plain)):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    step = make()
+    for _ in range(WARMUP):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(STEPS):
+        step()
+    torch.cuda.synchronize()
+    rates[name] = B * STEPS / (time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"{name:<16} batch {B} @ {S}px bf16: {rates[name]:8.0f} img/s, peak GPU memory {peak:5.1f} GiB")
+print(f"DAN / plain cost ratio: {rates['plain ResNet-50'] / rates['DAN-ResNet-50']:.2f}")
+EOF
+
+if "$PY" -c "import webdataset, polars, tqdm, matplotlib" 2>/dev/null; then
+  WORK=$(mktemp -d)
+  trap 'rm -rf "$WORK"' EXIT
+  timeout 150 "$PY" - "$WORK" <<'EOF'
+import csv, json, subprocess, sys, time
+from pathlib import Path
+from test_data import write_synthetic_shards
+
+work = Path(sys.argv[1])
+t = time.perf_counter()
+write_synthetic_shards(work / "shards", {"train": 3072, "validation": 256}, per_shard=256, size=224, videos=16)
+print(f"wrote synthetic shards in {time.perf_counter() - t:.0f} s")
+settings = {"name": "gpu_check", "backbone": "resnet50", "heads": 4, "input_size": 224, "epochs": 1,
+            "batch_size": 256, "lr": 1e-4, "workers": 8, "augment": ["flip", "crop", "color"], "bootstrap": False}
+subprocess.run([sys.executable, "-m", "ferflow.train", "--shards", str(work / "shards"), "--out", str(work / "out"),
+                "--device", "auto", "--no-progress", "--settings", json.dumps(settings)], check=True)
+row = list(csv.DictReader(open(work / "out" / "history.csv")))[-1]
+print(f"ferflow.train end to end (loader, 8 workers, first epoch incl. warm-up): {float(row['train_img_per_s']):.0f} img/s, "
+      f"peak GPU memory {float(row['gpu_peak_mem_gib']):.1f} GiB")
+EOF
+else
+  echo "part 2 skipped: webdataset/polars not importable (carry them as wheels to run ferflow.train end to end)"
+fi
