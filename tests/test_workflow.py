@@ -1,0 +1,76 @@
+"""The whole workflow on the tiny demo config, and each stage's CLI on its own."""
+
+import json
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from ferflow.schemas import ACCOUNTING, LABELS, read_table
+from workflow_helpers import CONFIG, env, snakemake
+
+STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_a_cli(stage):
+    proc = subprocess.run([sys.executable, "-m", f"ferflow.{stage}", "--help"], env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tiny")
+    proc = snakemake(work)
+    return work, proc
+
+
+@pytest.mark.slow
+def test_tiny_workflow_end_to_end(tiny_run):
+    work, proc = tiny_run
+    metrics = json.loads((work / "results" / "evaluation" / "metrics.json").read_text())
+    keys = {"expr_f1", "va_ccc_valence", "va_ccc_arousal", "va_ccc_mean"}
+    assert keys <= set(metrics["ensemble"])
+    assert set(metrics["variants"]) == {"a", "b"}
+    for m in [metrics["ensemble"], *metrics["variants"].values()]:
+        assert 0.0 <= m["expr_f1"] <= 1.0 and -1.0 <= m["va_ccc_mean"] <= 1.0
+    # the run prints the accounting table and the ensemble line at the end
+    out = proc.stdout + proc.stderr
+    assert "accounting:" in out and "ensemble: expr_f1=" in out
+    # every annotated frame is accounted for: written rows are exactly the labelled shard samples
+    acc = read_table(work / "results" / "accounting.parquet", ACCOUNTING)
+    labels = read_table(work / "results" / "shards" / "labels.parquet", LABELS)
+    assert acc.filter(pl.col("status") == "written").height == labels.height
+    assert set(acc["source"]) == {"affwild2", "affectnet", "expw"}
+    # the demo's +3-line annotation file shows up as beyond_video_end, never silently
+    assert acc.filter(pl.col("reason") == "beyond_video_end").height == 3
+    # both splits have samples; validation keeps every frame with a face
+    assert set(labels["split"]) == {"train", "validation"}
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(tiny_run):
+    work, _ = tiny_run
+    proc = snakemake(work, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_config_error_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shards:\n  samples_per_shard: 0\n")
+    proc = snakemake(tmp_path, "-n", configs=(CONFIG, bad), check=False)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "samples_per_shard" in err and "minimum" in err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "demo_data").exists()
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainig:\n  epochs: 2\n")
+    proc = snakemake(tmp_path, "-n", configs=(CONFIG, bad), check=False)
+    assert proc.returncode != 0
+    assert "trainig" in proc.stdout + proc.stderr
