@@ -22,24 +22,47 @@ SOURCES = {s["name"]: s for s in config["sources"]}
 if len(SOURCES) != len(config["sources"]):
     raise ValueError("config.yaml: two sources share a name")
 
-# Per-stage code versions: a stage reruns when the modules it runs change, and only then.
-STAGE_MODULES = {
-    "demo": ["demo"],
-    "index": ["index", "layout", "labels", "schemas"],
-    "extract": ["extract", "faces", "detect", "retinaface", "schemas", "atomic"],
-    "shards": ["shards", "schemas", "atomic"],
-    "train": ["train", "data", "model", "losses", "weights", "devices", "metrics", "labels", "schemas", "atomic"],
-    "predict": ["predict", "data", "model", "weights", "devices", "schemas", "atomic"],
-    "evaluate": ["evaluate", "metrics", "plots", "labels", "schemas", "atomic"],
-}
+# Per-stage code versions: a stage reruns when the code it runs changes, and only then. The
+# modules of a stage are its CLI module and every ferflow module it imports, transitively.
+STAGE_ENTRY = {"demo": "demo", "index": "index", "extract": "extract", "shards": "shards",
+               "train": "train", "predict": "predict", "evaluate": "evaluate"}
+
+
+def _imports(module):
+    import ast
+
+    tree = ast.parse((SRC / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 1:
+                found.update(a.name for a in node.names)
+            elif node.module and node.module.startswith("ferflow."):
+                found.add(node.module.split(".")[1])
+            elif node.module == "ferflow":
+                found.update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ferflow."))
+    return {m for m in found if (SRC / f"{m}.py").exists()}
+
+
+def stage_modules(stage):
+    todo, seen = [STAGE_ENTRY[stage]], set()
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(_imports(m) - seen)
+    return sorted(seen)
 
 
 def code_version(stage):
     h = hashlib.sha256()
-    for module in STAGE_MODULES[stage]:
-        path = SRC / f"{module}.py"
+    for module in stage_modules(stage):
         h.update(module.encode())
-        h.update(path.read_bytes() if path.exists() else b"")
+        h.update((SRC / f"{module}.py").read_bytes())
     return h.hexdigest()[:16]
 
 
