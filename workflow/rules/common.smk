@@ -154,6 +154,11 @@ def uses_gpu_detector():
     return 1 if config["extract"]["detector"] == "retinaface" else 0
 
 
+def _alternatives(names):
+    """A wildcard constraint matching exactly one of names (nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 # ---- variants ------------------------------------------------------------------------------
 VARIANTS = {v["name"]: v for v in config["variants"]}
 if len(VARIANTS) != len(config["variants"]):

@@ -2,10 +2,12 @@
 if DEMO["enabled"]:
 
     rule make_demo:
+        # seconds of work: run by Snakemake itself, never submitted to a cluster
+        localrule: True
         output:
             demo_files(),
         params:
-            root=DEMO["root"],
+            root=lambda wc, output: DEMO["root"],
             seed=DEMO["seed"],
             size=DEMO["size"],
             code=code_version("demo"),

@@ -17,7 +17,7 @@ rule evaluate_ensemble:
             shlex_quote(f"{name}={path}") for name, path in zip(VARIANTS, input.predictions)
         ),
         weights=" ".join(f"{name}={w}" for name, w in variant_weights().items()),
-        out_dir=f"{RESULTS}/evaluation",
+        out_dir=lambda wc, output: os.path.dirname(output.metrics),
         split=EVAL_SPLIT,
         code=code_version("evaluate"),
     log:

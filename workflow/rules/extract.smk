@@ -3,10 +3,6 @@ VIDEO_SOURCES = [n for n, s in SOURCES.items() if s["kind"] in VIDEO_KINDS]
 IMAGE_SOURCES = [n for n, s in SOURCES.items() if s["kind"] in IMAGE_KINDS]
 
 
-def _alternatives(names):
-    return "|".join(re.escape(n) for n in names) or "(?!)"
-
-
 rule extract_video_faces:
     input:
         video=video_path,
