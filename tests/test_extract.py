@@ -1,15 +1,24 @@
-"""Face extraction: person choice, interpolation between detections, missing faces, image crops."""
+"""Face extraction: person choice, interpolation between detections, missing faces, alignment,
+cropped_aligned frames, image crops.
 
+The first tests use a scripted detector on a tiny video; the "real detector" tests run OpenCV's Haar
+cascade on 320x240 videos of the demo's face photograph (``ferflow.demo.draw_face``) moving over a
+plain background, with the drawn boxes as the truth.
+"""
+
+import hashlib
+import json
 import tarfile
+from pathlib import Path
 
 import cv2
 import numpy as np
 import polars as pl
 import pytest
 
-from ferflow import extract
+from ferflow import extract, faces
 from ferflow.extract import ExtractSettings
-from ferflow.schemas import FACES, MANIFEST, read_table
+from ferflow.schemas import FACES, FACES_FULL, MANIFEST, read_table
 
 W, H, N = 160, 120, 40
 
@@ -34,6 +43,12 @@ def main_face(i):
     return np.array([x, 30, x + 40, 80], np.float32)
 
 
+def main_landmarks(i):
+    """Five points inside the main face, moving with it."""
+    x0, y0, _, _ = main_face(i)
+    return np.array([12, 20, 28, 20, 20, 30, 14, 40, 26, 40], np.float32) + np.tile([x0, y0], 5)
+
+
 class FakeDetector:
     """Main face moving right; a small background face; no face on frames 10-14; a right face."""
 
@@ -50,7 +65,7 @@ class FakeDetector:
             if 10 <= i <= 14:
                 out.append(np.zeros((0, 15), np.float32))
                 continue
-            rows = [np.r_[main_face(i), 0.9, np.full(10, np.nan)],
+            rows = [np.r_[main_face(i), 0.9, main_landmarks(i)],
                     np.r_[[5, 90, 20, 105], 0.95, np.full(10, np.nan)],      # small background face, higher score
                     np.r_[[120, 40, 150, 75], 0.9, np.full(10, np.nan)]]     # right-hand person
             out.append(np.asarray(rows, np.float32))
@@ -70,7 +85,7 @@ def run(video, tmp_path, persons, **kw):
 
 
 def test_every_frame_detected_largest_face_and_missing_recorded(video, tmp_path):
-    table, det = run(video, tmp_path, {"clip": ""})
+    table, det = run(video, tmp_path, {"clip": ""}, detect_every=1)
     assert sorted(det.calls) == list(range(N))
     assert table.height == N and set(table["n_frames"]) == {N}
     t = table.sort("frame")
@@ -102,12 +117,18 @@ def test_detect_every_k_interpolates_and_redetects_lost_tracks(video, tmp_path):
 
 
 def test_two_people_stay_on_their_side(video, tmp_path):
-    table, _ = run(video, tmp_path, {"clip_left": "left", "clip_right": "right"})
+    table, _ = run(video, tmp_path, {"clip_left": "left", "clip_right": "right"}, detect_every=1)
     left = table.filter((pl.col("video") == "clip_left") & (pl.col("status") == "detected"))
     right = table.filter((pl.col("video") == "clip_right") & (pl.col("status") == "detected"))
-    assert left.height == right.height == N - 5
     assert (((left["x0"] + left["x1"]) / 2) < W / 2).all()
     assert (((right["x0"] + right["x1"]) / 2) >= W / 2).all()
+    # left: the main face while it is in the left half (it crosses the middle at frame 20); the
+    # small face that stays on the left overlaps its track in time and is never taken
+    assert left["frame"].to_list() == [*range(10), *range(15, 20)]
+    assert all(abs(x0 - main_face(i)[0]) < 1e-3 for i, x0 in left.select("frame", "x0").rows())
+    # right: the right-hand person throughout; the main face entering its half does not steal it
+    assert right["frame"].to_list() == [i for i in range(N) if not 10 <= i <= 14]
+    assert (right["x0"] == 120).all()
 
 
 def test_unreadable_video_gives_empty_table(tmp_path):
@@ -146,3 +167,264 @@ def test_image_chunk_crops_given_boxes_and_counts_bad_ones(tmp_path):
 def test_settings_reject_unknown_keys():
     with pytest.raises(ValueError, match="unknown extraction settings"):
         ExtractSettings.from_json('{"detektor": "haar"}')
+
+
+def test_settings_keys_and_defaults_match_the_config_schema():
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["extract"]["properties"]
+    defaults = ExtractSettings()
+    assert set(props) == set(ExtractSettings.__dataclass_fields__)
+    assert {k: v.get("default") for k, v in props.items()} == {k: getattr(defaults, k) for k in props}
+    with pytest.raises(ValueError, match="detect_every"):
+        ExtractSettings.from_json('{"detect_every": 0}')
+
+
+def test_table_has_landmarks_crop_kind_and_settings(video, tmp_path):
+    table, _ = run(video, tmp_path, {"clip": ""}, detect_every=5, align=True)
+    full = read_table(tmp_path / "u.parquet", FACES_FULL)
+    assert full.columns == list(FACES_FULL)
+    t = full.sort("frame")
+    found = t.filter(pl.col("member").is_not_null())
+    assert (found["crop"] == "aligned").all()  # the fake main face has landmarks
+    # landmarks as detected, and linear (like the boxes) where interpolated
+    for i, lx, ly in found.select("frame", "left_eye_x", "left_eye_y").rows():
+        assert abs(lx - main_landmarks(i)[0]) < 1e-3 and abs(ly - main_landmarks(i)[1]) < 1e-3
+    missing = t.filter(pl.col("status") == "missing")
+    assert missing.height == 5 and missing["crop"].is_null().all() and missing["nose_x"].is_null().all()
+    settings = json.loads(t["detector"][0])
+    assert t["detector"].n_unique() == 1
+    assert settings["detector"] == {"name": "fake"}
+    assert settings["extract"]["detect_every"] == 5 and settings["extract"]["align"] is True
+
+
+# ---- alignment ---------------------------------------------------------------------------------
+def test_similarity_transform_recovers_a_known_one():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    angle, scale, t = 0.3, 1.7, np.array([12.0, -5.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    dst = src @ (scale * rot).T + t
+    m, s = faces.similarity_transform(src, dst)
+    assert abs(s - scale) < 1e-9 and np.allclose(m, np.hstack([scale * rot, t[:, None]]))
+    assert faces.similarity_transform(np.zeros((5, 2)), dst) is None  # degenerate
+    mirrored = src * [-1, 1]  # a reflection is not a similarity: best rotation instead, never flipped
+    m, _ = faces.similarity_transform(mirrored, src)
+    assert np.linalg.det(m[:, :2]) > 0
+
+
+def test_align_face_puts_landmarks_on_the_template():
+    size, margin = 112, 0.25
+    template = faces.alignment_template(size, margin)
+    # a face rotated by 20 degrees and scaled: its landmarks are the template mapped into the image
+    angle, scale = np.deg2rad(20), 2.5
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    points = (template - size / 2) @ (scale * rot).T + [200, 160]
+    image = np.zeros((320, 400, 3), np.uint8)
+    for k, (x, y) in enumerate(points):
+        cv2.circle(image, (int(round(x)), int(round(y))), 6, (0, 50 * (k + 1), 255), -1)
+    crop = faces.align_face(image, points.reshape(-1), margin, size)
+    assert crop.shape == (size, size, 3)
+    for k, (x, y) in enumerate(template):  # each dot lands on its template point, in order
+        assert crop[int(round(y)), int(round(x)), 2] > 200
+        assert abs(int(crop[int(round(y)), int(round(x)), 1]) - 50 * (k + 1)) < 30
+    # margin 0: ArcFace's own 112 template
+    assert np.allclose(faces.alignment_template(112, 0.0), faces.ARCFACE_112)
+    assert faces.align_face(image, np.full(10, np.nan), margin, size) is None
+
+
+def test_align_falls_back_to_the_square_crop_without_landmarks(video, tmp_path):
+    table, _ = run(video, tmp_path, {"clip_right": "right"}, detect_every=1, align=True)
+    found = table.filter(pl.col("member").is_not_null())
+    assert found.height == N - 5 and (found["crop"] == "square").all()
+    assert found["left_eye_x"].is_null().all()
+
+
+# ---- Aff-Wild2 cropped_aligned -----------------------------------------------------------------
+def test_cropped_aligned_frames_by_file_name(tmp_path):
+    root = tmp_path / "cropped_aligned"
+    left, right = root / "clip_left", root / "clip_right"
+    left.mkdir(parents=True)
+    right.mkdir()
+    small = np.full((112, 112, 3), 90, np.uint8)
+    exact = np.full((224, 224, 3), 150, np.uint8)
+    for number in [1, 2, 3, 5, 8, 41, 42]:  # frame = number - 1; 41, 42 lie beyond the 40 frames
+        cv2.imwrite(str(left / f"{number:05d}.jpg"), small)
+    (left / "00004.jpg").write_bytes(b"not a jpeg")  # frame 3: unreadable
+    (left / "notes.txt").write_text("x")
+    cv2.imwrite(str(right / "00001.jpg"), exact)
+    out_tar, out_table = tmp_path / "u.tar", tmp_path / "u.parquet"
+    video = write_video(tmp_path / "clip.avi")
+    assert extract.main(["cropped", "--root", str(root), "--person", "clip_left=left", "--person", "clip_right=right",
+                         "--video", str(video), "--settings", '{"crop_size": 224}',
+                         "--out-tar", str(out_tar), "--out-table", str(out_table)]) == 0
+    t = read_table(out_table, FACES_FULL)
+    assert t.height == 2 * N and set(t["n_frames"]) == {N}  # frames counted by decoding the video
+    lt = t.filter(pl.col("video") == "clip_left").sort("frame")
+    status = dict(zip(lt["frame"], lt["status"]))
+    assert [f for f, s in status.items() if s == "provided"] == [0, 1, 2, 4, 7]
+    assert status[3] == "unreadable" and status[5] == "missing" and status[39] == "missing"
+    assert set(lt.filter(pl.col("status") == "provided")["crop"]) == {"cropped_aligned"}
+    assert lt["x0"].is_null().all()
+    assert json.loads(lt["detector"][0])["detector"]["name"] == "cropped_aligned"
+    with tarfile.open(out_tar) as tar:
+        assert tar.getnames() == [f"clip_left/{i:06d}.jpg" for i in (0, 1, 2, 4, 7)] + ["clip_right/000000.jpg"]
+        img = cv2.imdecode(np.frombuffer(tar.extractfile("clip_left/000000.jpg").read(), np.uint8), cv2.IMREAD_COLOR)
+        assert img.shape == (224, 224, 3)
+        # a JPEG already at crop_size is stored as it is, not re-encoded
+        assert tar.extractfile("clip_right/000000.jpg").read() == (right / "00001.jpg").read_bytes()
+    # the frame count may be given instead of the video; a folder that does not exist: all missing
+    assert extract.main(["cropped", "--dir", f"other={tmp_path / 'nope'}", "--person", "other", "--n-frames", "3",
+                         "--out-tar", str(out_tar), "--out-table", str(out_table)]) == 0
+    assert read_table(out_table, FACES)["status"].to_list() == ["missing"] * 3
+
+
+# ---- with a real detector: Haar on a moving photograph ---------------------------------------------
+FW, FH = 320, 240
+
+
+class CachedHaar:
+    """OpenCV's Haar cascade, each distinct frame detected once per test session; counts requests."""
+
+    name = "haar"
+
+    def __init__(self):
+        from ferflow.detect import HaarDetector
+
+        self.haar = HaarDetector()
+        self.cache = {}
+        self.requests = 0
+
+    def settings(self):
+        return self.haar.settings()
+
+    def __call__(self, frames):
+        out = []
+        for f in frames:
+            key = hashlib.blake2b(f.tobytes(), digest_size=16).digest()
+            if key not in self.cache:
+                self.cache[key] = self.haar([f])[0]
+            out.append(self.cache[key])
+        self.requests += len(frames)
+        return out
+
+
+@pytest.fixture(scope="module")
+def haar():
+    return CachedHaar()
+
+
+def _smooth(t, n):
+    return 0.5 - 0.5 * np.cos(np.pi * t / (n - 1))
+
+
+def face_video(path, n, faces_at, seed=0):
+    """A 320x240 MJPG video of the demo face: ``faces_at(t)`` -> [(look, (cx, cy, side)), ...];
+    returns the drawn boxes per frame."""
+    from ferflow.demo import draw_face
+
+    rng = np.random.default_rng(seed)
+    bg = cv2.resize(rng.uniform(60, 200, (3, 4, 3)).astype(np.float32), (FW, FH), interpolation=cv2.INTER_CUBIC)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (FW, FH))
+    truth = []
+    for t in range(n):
+        canvas = bg.copy()
+        truth.append([np.array(draw_face(canvas, look, *where)) for look, where in faces_at(t)])
+        vw.write(np.clip(canvas, 0, 255).astype(np.uint8))
+    vw.release()
+    return truth
+
+
+def _look(mirror=False, tint=(1.0, 1.0, 1.0)):
+    from ferflow.demo import Look
+
+    return Look(tint, 1.0, mirror, 1.0)
+
+
+def extract_haar(path, tmp_path, haar, persons, **kw):
+    settings = ExtractSettings(detector="haar", **kw)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
+    return extract.extract_video(str(path), persons, settings, haar, str(tmp_path / f"{tag}.tar"),
+                                 str(tmp_path / f"{tag}.parquet")).sort("video", "frame")
+
+
+def boxes_of(table, video):
+    t = table.filter(pl.col("video") == video)
+    return {f: np.array(b) for f, *b in t.select("frame", "x0", "y0", "x1", "y1").rows() if b[0] is not None}
+
+
+def test_interpolated_boxes_match_per_frame_detection(tmp_path, haar):
+    n = 75  # the face slides 120 px right and grows from 112 to 136 px, bobbing up and down
+    look = _look()
+    path = tmp_path / "moving.avi"
+    face_video(path, n, lambda t: [(look, (100 + 120 * _smooth(t, n), 120 + 10 * np.sin(t / 12), 112 + 24 * _smooth(t, n)))])
+    every = extract_haar(path, tmp_path, haar, {"moving": ""}, detect_every=1)
+    before = haar.requests
+    sparse = extract_haar(path, tmp_path, haar, {"moving": ""}, detect_every=5)
+    detected = haar.requests - before
+    assert (every["status"] == "detected").all()  # Haar finds the face on every frame
+    counts = dict(sparse.group_by("status").len().iter_rows())
+    assert counts.get("interpolated", 0) >= 0.6 * n and "missing" not in counts and detected < 0.4 * n
+    ref, got = boxes_of(every, "moving"), boxes_of(sparse, "moving")
+    ious = np.array([faces.iou(got[f][None], ref[f])[0] for f in range(n)])
+    interp = sparse.filter(pl.col("status") == "interpolated")["frame"].to_numpy()
+    print(f"\ndetect_every=5: {detected}/{n} frames detected; mean IoU vs per-frame detection "
+          f"{ious.mean():.3f} (interpolated frames {ious[interp].mean():.3f}, min {ious.min():.3f})")
+    assert ious.mean() >= 0.9 and ious[interp].mean() >= 0.9
+
+
+def test_two_people_stay_on_their_side_with_a_real_detector(tmp_path, haar):
+    n = 60
+    a, b = _look(), _look(mirror=True, tint=(0.9, 1.05, 1.1))
+    path = tmp_path / "two.avi"
+    truth = face_video(path, n, lambda t: [(a, (85 + 6 * np.sin(t / 10), 122, 108)), (b, (235 - 6 * np.sin(t / 13), 118, 104))])
+    table = extract_haar(path, tmp_path, haar, {"two_left": "left", "two_right": "right"}, detect_every=5)
+    for video, k in (("two_left", 0), ("two_right", 1)):
+        boxes = boxes_of(table, video)
+        assert sorted(boxes) == list(range(n)), f"{video}: frames without a face"
+        for f, box in boxes.items():
+            assert faces.iou(box[None], truth[f][k])[0] > 0.5, (video, f)
+            assert ((box[0] + box[2]) / 2 < FW / 2) == (k == 0)
+
+
+def test_missing_face_recorded_with_a_real_detector(tmp_path, haar):
+    n, gone = 60, range(30, 42)  # the face leaves the picture for 12 frames
+    look = _look()
+    path = tmp_path / "gone.avi"
+    face_video(path, n, lambda t: [] if t in gone else [(look, (120 + 60 * _smooth(t, n), 120, 120))])
+    for k in (1, 5):
+        table = extract_haar(path, tmp_path, haar, {"gone": ""}, detect_every=k)
+        assert table["frame"].to_list() == list(range(n)) and set(table["n_frames"]) == {n}
+        status = table["status"].to_list()
+        assert [f for f, s in enumerate(status) if s == "missing"] == list(gone), k
+        assert table.filter(pl.col("status") == "missing")["member"].is_null().all()
+
+
+def test_background_face_never_steals_the_track(tmp_path, haar):
+    n, hidden = 60, {20, 21, 25}  # the main face is hidden on these frames; the small one stays
+    main, small = _look(), _look(mirror=True, tint=(1.1, 0.95, 0.9))
+    path = tmp_path / "background.avi"
+    truth = face_video(path, n, lambda t: ([] if t in hidden else [(main, (150 + 30 * np.sin(t / 20), 125, 125))])
+                       + [(small, (275, 45, 60))])
+    for k in (1, 5):
+        table = extract_haar(path, tmp_path, haar, {"background": ""}, detect_every=k)
+        boxes = boxes_of(table, "background")
+        assert set(boxes) == set(range(n)) - hidden, k
+        for f, box in boxes.items():
+            assert faces.iou(box[None], truth[f][0])[0] > 0.5, (k, f)
+
+
+def test_a_jump_is_detected_again_not_interpolated(tmp_path, haar):
+    n, jump = 60, 37  # the face slides right, then jumps 130 px to the right at frame 37
+    look = _look()
+    path = tmp_path / "jump.avi"
+    truth = face_video(path, n, lambda t: [(look, (80 + 0.5 * t + (130 if t >= jump else 0), 120, 118))])
+    table = extract_haar(path, tmp_path, haar, {"jump": ""}, detect_every=5)
+    boxes = boxes_of(table, "jump")
+    assert sorted(boxes) == list(range(n))
+    for f, box in boxes.items():
+        assert faces.iou(box[None], truth[f][0])[0] > 0.5, f
+    status = dict(zip(table["frame"], table["status"]))
+    assert all(status[f] == "detected" for f in range(36, 40))  # around the jump: every frame detected
+    assert sum(s == "interpolated" for s in status.values()) >= 0.6 * n

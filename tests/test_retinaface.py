@@ -7,6 +7,7 @@ it); no network, no real weights: a seeded random-init state dict saved to a fil
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 import warnings
@@ -259,3 +260,32 @@ def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(RuntimeError, match="do not fit RetinaFace"):
         RetinaFaceDetector(str(tmp_path / "other.pth"))
+
+
+def test_extract_cli_with_retinaface(weights, tmp_path, monkeypatch):
+    """``python -m ferflow.extract video`` end to end with RetinaFace (device auto: no GPU -> CPU)."""
+    import polars as pl
+
+    from ferflow import extract
+    from ferflow.schemas import FACES_FULL, read_table
+
+    monkeypatch.setenv("FERFLOW_NUM_GPUS", "0")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    video = tmp_path / "v.avi"
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (160, 120))
+    rng = np.random.default_rng(2)
+    frame = _frame(rng, 120, 160)
+    for i in range(12):
+        vw.write(np.roll(frame, i, axis=1))
+    vw.release()
+    settings = {"detector": "retinaface", "retinaface_weights": str(weights), "detect_size": 64,
+                "min_score": 0.6, "detect_every": 4, "batch_size": 4, "align": True, "device": "auto"}
+    assert extract.main(["video", "--video", str(video), "--person", "v", "--settings", json.dumps(settings),
+                         "--out-tar", str(tmp_path / "v.tar"), "--out-table", str(tmp_path / "v.parquet")]) == 0
+    t = read_table(tmp_path / "v.parquet", FACES_FULL)
+    assert t.height == 12 and set(t["n_frames"]) == {12}
+    found = t.filter(pl.col("member").is_not_null())
+    assert found.height > 0 and found["nose_x"].is_not_null().all()  # RetinaFace gives landmarks
+    described = json.loads(t["detector"][0])
+    assert described["detector"]["name"] == "retinaface" and described["detector"]["weights"] == str(weights)
+    assert described["detector"]["detect_size"] == 64

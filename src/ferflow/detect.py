@@ -1,4 +1,4 @@
-"""Face detectors behind one interface: ``detector(frames) -> list of (N, 5) arrays``.
+"""Face detectors behind one interface: ``detector(frames) -> list of (N, 15) arrays``.
 
 Each returned array has shape (N, 15): ``x0, y0, x1, y1, score`` then five landmarks
 ``(x, y)`` (left eye, right eye, nose, left mouth corner, right mouth corner), all in pixels of the
@@ -19,6 +19,16 @@ class Detector(Protocol):
     name: str
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+    def settings(self) -> dict:
+        """What decides its output (recorded with every extracted face), JSON-serialisable."""
+        ...
+
+
+def detector_settings(detector) -> dict:
+    """``detector.settings()``, or just its name for a detector without that method."""
+    describe = getattr(detector, "settings", None)
+    return describe() if callable(describe) else {"name": getattr(detector, "name", type(detector).__name__)}
 
 
 class HaarDetector:
@@ -41,6 +51,11 @@ class HaarDetector:
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self._one(f) for f in frames]
+
+    def settings(self) -> dict:
+        return {"name": self.name, "cascade": "haarcascade_frontalface_default.xml", "opencv": cv2.__version__,
+                "detect_size": self.detect_size, "min_neighbors": self.min_neighbors,
+                "scale_factor": self.scale_factor}
 
     def _one(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]

@@ -1,40 +1,60 @@
 """Stage ``extract_faces``: one job per video (or per image chunk) -> face crops + per-frame table.
 
-Videos: frames are decoded, faces detected on every ``detect_every``-th frame (and the last), each
-annotated person's face chosen along its track (``_left``/``_right`` people on their side of the
-frame, otherwise the largest face, kept continuous), boxes between two detections of the same
-track interpolated, and frames whose track was lost or jumped detected again. Images: the given
-boxes are cropped, no detection.
+Videos (``video`` mode): frames are decoded, faces detected on every ``detect_every``-th frame
+(and the last), detections linked into tracks and each annotated person's track chosen
+(``_left``/``_right`` people on their side of the frame, otherwise the largest face, kept
+continuous; see :mod:`ferflow.faces`). Between two detected frames where the person has boxes of
+the same track overlapping by at least ``max_jump_iou`` the boxes (and landmarks) are
+interpolated; every other gap next to a face (track lost, switched or jumped) is detected again,
+frame by frame, until no such gap is left. Crops are square around the box with ``margin``, or,
+with ``align``, a similarity transform of the five landmarks to ArcFace's template
+(:func:`ferflow.faces.align_face`; the square crop when there are no landmarks, e.g. Haar).
 
-Output: ``<unit>.tar`` with 224x224 JPEGs named ``<video>/<frame:06d>.jpg`` and ``<unit>.parquet``
-(schema ``FACES``) with one row per person and decoded frame, including frames without a face
-(status ``missing``): nothing is silently dropped.
+Aff-Wild2's own ``cropped_aligned`` frames (``cropped`` mode) replace detection: file
+``<root>/<annotation name>/NNNNN.jpg`` is frame ``NNNNN - 1`` (names are 1-based, like the
+annotation lines), resized to ``crop_size``; frames without a file are ``missing``. The video is
+only decoded to count its frames. Images (``images`` mode): the given boxes are cropped.
 
-    python -m ferflow.extract video --video V.mp4 --person V_left=left --person V_right=right \
+Output: ``<unit>.tar`` with JPEGs named ``<video>/<frame:06d>.jpg`` and ``<unit>.parquet``
+(schema ``FACES_FULL``: ``FACES`` + landmarks, crop kind and the detector settings as JSON) with
+one row per person and decoded frame, including frames without a face (status ``missing``):
+nothing is silently dropped.
+
+    python -m ferflow.extract video --video V.mp4 --person V_left=left --person V_right=right \\
         --settings '{"detector": "haar"}' --out-tar results/faces/S/V.tar --out-table results/faces/S/V.parquet
+    python -m ferflow.extract cropped --root AW2/cropped_aligned --person V_left=left --person V_right=right \\
+        --video V.mp4 --settings '{"crop_size": 224}' --out-tar ... --out-table ...
     python -m ferflow.extract images --manifest results/manifest/S.parquet --unit chunk000 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import contextlib
 import io
 import json
-import os
+import math
+import queue
+import re
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
 import polars as pl
 
 from .atomic import atomic_path
-from .faces import choose_face, crop_face, encode_jpeg, interpolate_boxes, iou
-from .schemas import FACES, MANIFEST, read_table, write_table
+from .detect import detector_settings
+from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou
+from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, read_table, write_table
+
+LANDMARK_COLUMNS = [f"{p}_{c}" for p in LANDMARK_POINTS for c in "xy"]
 
 
 @dataclass
@@ -46,10 +66,11 @@ class ExtractSettings:
     margin: float = 0.25
     crop_size: int = 224
     jpeg_quality: int = 90
-    detect_every: int = 1  # detect on every k-th frame, interpolate between
+    detect_every: int = 5  # detect on every k-th frame (and the last), interpolate between
     max_jump_iou: float = 0.3  # two detections of a track overlapping less than this: re-detect between
     batch_size: int = 16
-    device: str = "cpu"
+    align: bool = False  # 5-point alignment from the landmarks (square crop without landmarks)
+    device: str = "auto"  # auto (claim a free GPU, else CPU) | cpu | cuda | cuda:N
 
     @classmethod
     def from_json(cls, text: str | None) -> "ExtractSettings":
@@ -58,10 +79,13 @@ class ExtractSettings:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown extraction settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        settings = cls(**data)
+        if int(settings.detect_every) < 1:
+            raise ValueError(f"detect_every must be >= 1, got {settings.detect_every}")
+        return settings
 
 
-def make_detector(settings: ExtractSettings):
+def make_detector(settings: ExtractSettings, device: str | None = None):
     if settings.detector == "haar":
         from .detect import HaarDetector
 
@@ -70,9 +94,18 @@ def make_detector(settings: ExtractSettings):
         from .retinaface import RetinaFaceDetector
 
         return RetinaFaceDetector(weights=settings.retinaface_weights, detect_size=settings.detect_size,
-                                  min_score=settings.min_score, device=settings.device,
+                                  min_score=settings.min_score, device=device or settings.device,
                                   batch_size=settings.batch_size)
     raise ValueError(f"unknown detector {settings.detector!r}; use 'retinaface' or 'haar'")
+
+
+def settings_json(detector: dict, extract: dict) -> str:
+    """The FACES ``detector`` column: what produced the rows, as sorted JSON."""
+    return json.dumps({"detector": detector, "extract": extract}, sort_keys=True)
+
+
+class VideoError(RuntimeError):
+    pass
 
 
 def read_frames(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -81,9 +114,12 @@ def read_frames(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int
     if not cap.isOpened():
         raise VideoError(f"{path}: cannot be opened as a video")
     try:
+        last = max(wanted) if wanted else None
         i = 0
         while True:
             if wanted is not None and i not in wanted:
+                if last is None or i > last:
+                    break
                 ok = cap.grab()
                 frame = None
             else:
@@ -97,8 +133,48 @@ def read_frames(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int
         cap.release()
 
 
-class VideoError(RuntimeError):
-    pass
+def prefetch(items: Iterable, depth: int = 8) -> Iterator:
+    """Iterate ``items`` in a background thread (OpenCV decodes without the GIL), ``depth`` ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for x in items:
+                if not put((None, x)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((e, None))
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator's own clean-up (e.g. releasing the video) runs here, now
+        put((None, done))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, x = q.get()
+            if err is not None:
+                raise err
+            if x is done:
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _batched(it, n):
@@ -112,115 +188,151 @@ def _batched(it, n):
         yield batch
 
 
-def detect_frames(video: str, detector, frames: set[int] | None, batch_size: int) -> tuple[dict[int, np.ndarray], int, int]:
-    """Detections per frame for ``frames`` (all when None); returns (dets, frame count, width)."""
+def detect_frames(video: str, detector, frames: set[int], batch_size: int) -> dict[int, np.ndarray]:
+    """Detections on the given frames of ``video``."""
     dets: dict[int, np.ndarray] = {}
-    width = 0
-    count = 0
-    for batch in _batched(read_frames(video, frames), batch_size):
-        width = batch[0][1].shape[1]
+    for batch in _batched(prefetch(read_frames(video, frames)), batch_size):
         for (i, _), d in zip(batch, detector([f for _, f in batch])):
             dets[i] = d
-        count = batch[-1][0] + 1
-    return dets, count, width
+    return dets
 
 
-def count_frames(video: str) -> tuple[int, int]:
-    n, width = 0, 0
-    for n_minus_1, frame in read_frames(video):
-        n, width = n_minus_1 + 1, frame.shape[1]
-    return n, width
+def detect_keyframes(video: str, detector, every: int, batch_size: int) -> tuple[dict[int, np.ndarray], int, int]:
+    """One decoding pass: detections on every ``every``-th frame and the last; (dets, frames, width)."""
+    dets: dict[int, np.ndarray] = {}
+    batch: list[tuple[int, np.ndarray]] = []
+    last: tuple[int, np.ndarray] | None = None
+    width = 0
+
+    def flush():
+        if batch:
+            for (i, _), d in zip(batch, detector([f for _, f in batch])):
+                dets[i] = d
+            batch.clear()
+
+    for i, frame in prefetch(read_frames(video)):
+        width = frame.shape[1]
+        if i % every == 0:
+            batch.append((i, frame))
+            if len(batch) == batch_size:
+                flush()
+        last = (i, frame)
+    if last is not None and last[0] % every != 0:
+        batch.append(last)
+    flush()
+    return dets, (last[0] + 1 if last else 0), width
 
 
-def track_person(person: str, keyframes: list[int], dets: dict[int, np.ndarray], width: int) -> dict[int, np.ndarray]:
-    """Choose the person's face on each detected frame, following the track in time order."""
-    chosen: dict[int, np.ndarray] = {}
-    previous = None
-    for i in keyframes:
-        box = choose_face(dets[i], person, width, previous)
-        if box is not None:
-            chosen[i] = box
-            previous = box
-    return chosen
-
-
-def plan_boxes(n_frames: int, keyframes: list[int], chosen: dict[int, np.ndarray], max_jump_iou: float
+def plan_boxes(detected: list[int], chosen: dict[int, tuple[np.ndarray, int]], max_jump_iou: float
                ) -> tuple[dict[int, tuple[str, np.ndarray]], set[int]]:
-    """Boxes for every frame from the keyframe boxes: detected, interpolated, or to re-detect."""
-    boxes: dict[int, tuple[str, np.ndarray]] = {i: ("detected", b) for i, b in chosen.items()}
+    """Boxes for the frames between the ``detected`` ones, and the frames to detect again.
+
+    ``chosen``: the person's ``(row, track)`` on detected frames. Between consecutive detected
+    frames ``a < b``: interpolated when both have a box of the same track overlapping by at least
+    ``max_jump_iou``; detected again when only one has a box, or the boxes are of different tracks
+    or jumped; left alone when neither has a box, unless both lie inside the life of one chosen
+    track (the face is being followed but was missed on both).
+    """
+    boxes: dict[int, tuple[str, np.ndarray]] = {i: ("detected", row) for i, (row, _) in chosen.items()}
     redetect: set[int] = set()
-    for a, b in zip(keyframes, keyframes[1:]):
+    have = sorted(chosen)
+    for a, b in zip(detected, detected[1:]):
         if b - a <= 1:
             continue
-        between = range(a + 1, b)
-        if a in chosen and b in chosen and iou(chosen[a][None], chosen[b])[0] >= max_jump_iou:
-            for i in between:
-                boxes[i] = ("interpolated", interpolate_boxes(a, chosen[a], b, chosen[b], i))
+        ca, cb = chosen.get(a), chosen.get(b)
+        if ca is None and cb is None:
+            # no box on either side: detect again only inside the life of a chosen track (the face
+            # was missed or hidden on both), not where no face is being followed
+            j = bisect.bisect_left(have, a)
+            if 0 < j < len(have) and chosen[have[j - 1]][1] == chosen[have[j]][1]:
+                redetect.update(range(a + 1, b))
+            continue
+        if (ca is not None and cb is not None and ca[1] == cb[1]
+                and iou(ca[0][None], cb[0])[0] >= max_jump_iou):
+            for i in range(a + 1, b):
+                boxes[i] = ("interpolated", interpolate_boxes(a, ca[0], b, cb[0], i))
         else:
-            redetect.update(between)
+            redetect.update(range(a + 1, b))
     return boxes, redetect
+
+
+def link_gap(every: int) -> int:
+    """Frames a track may go undetected and still continue: about a second, at least 3 keyframes."""
+    return max(30, 3 * every)
+
+
+def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector
+                ) -> tuple[dict[str, dict[int, tuple[str, np.ndarray]]], int, dict[int, np.ndarray]]:
+    """Every person's boxes per frame, the frame count, and the detections made (per frame)."""
+    k = max(1, int(settings.detect_every))
+    dets, n_frames, width = detect_keyframes(video, detector, k, settings.batch_size)
+    while True:
+        plans: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+        need: set[int] = set()
+        detected = sorted(dets)
+        for name, person in persons.items():
+            chosen = choose_track(dets, person, width, link_gap(k))
+            plans[name], redetect = plan_boxes(detected, chosen, settings.max_jump_iou)
+            need |= redetect
+        need.difference_update(dets)
+        if not need:
+            return plans, n_frames, dets
+        dets.update(detect_frames(video, detector, need, settings.batch_size))
 
 
 def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
                   out_tar: str, out_table: str) -> pl.DataFrame:
     """Extract the faces of each annotated person (``{annotation name: side}``) of one video."""
-    k = max(1, settings.detect_every)
     try:
-        n_frames, width = count_frames(video) if k > 1 else (None, None)
-        if k > 1:
-            keyframes = sorted(set(range(0, n_frames, k)) | ({n_frames - 1} if n_frames else set()))
-            dets, _, _ = detect_frames(video, detector, set(keyframes), settings.batch_size)
-        else:
-            dets, n_frames, width = detect_frames(video, detector, None, settings.batch_size)
-            keyframes = list(range(n_frames))
+        plans, n_frames, _ = track_video(video, persons, settings, detector)
     except VideoError:
-        n_frames, dets, keyframes = 0, {}, []
-    plans = {}
-    all_redetect: set[int] = set()
-    for name, person in persons.items():
-        chosen = track_person(person, keyframes, dets, width or 0)
-        plans[name] = plan_boxes(n_frames, keyframes, chosen, settings.max_jump_iou)
-        all_redetect |= plans[name][1]
-    if all_redetect:
-        more, _, _ = detect_frames(video, detector, all_redetect, settings.batch_size)
-        for name, person in persons.items():
-            boxes, redetect = plans[name]
-            for i in sorted(redetect):
-                previous = _nearest_box(boxes, i)
-                box = choose_face(more[i], person, width, previous)
-                if box is not None:
-                    boxes[i] = ("detected", box)
-    rows = {c: [] for c in FACES}
+        plans, n_frames = {name: {} for name in persons}, 0
+    described = settings_json(detector_settings(detector), asdict(settings))
+    rows = _rows()
     with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for i, frame in (read_frames(video) if n_frames else iter(())):
+        for i, frame in (prefetch(read_frames(video)) if n_frames else iter(())):
             for name in persons:
-                status, box = plans[name][0].get(i, ("missing", None))
-                member = None
+                status, box = plans[name].get(i, ("missing", None))
+                member = kind = None
                 if box is not None:
-                    crop = crop_face(frame, box, settings.margin, settings.crop_size)
+                    crop = align_face(frame, box[5:15], settings.margin, settings.crop_size) if settings.align else None
+                    kind = "aligned" if crop is not None else "square"
+                    if crop is None:
+                        crop = crop_face(frame, box, settings.margin, settings.crop_size)
                     member = f"{name}/{i:06d}.jpg"
                     _add_member(tar, member, encode_jpeg(crop, settings.jpeg_quality))
-                _append(rows, video=name, frame=i, status=status, box=box, member=member, n_frames=n_frames)
-    table = pl.DataFrame(rows, schema=FACES)
-    write_table(table, out_table, FACES)
+                _append(rows, video=name, frame=i, status=status, box=box, member=member, n_frames=n_frames,
+                        crop=kind, detector=described)
+    return _write(rows, out_table)
+
+
+def _rows() -> dict[str, list]:
+    return {c: [] for c in FACES_FULL}
+
+
+def _write(rows: dict[str, list], out_table: str) -> pl.DataFrame:
+    table = pl.DataFrame(rows, schema=FACES_FULL)
+    write_table(table, out_table, FACES_FULL)
     return table
 
 
-def _nearest_box(boxes: dict[int, tuple[str, np.ndarray]], i: int) -> np.ndarray | None:
-    if not boxes:
-        return None
-    j = min(boxes, key=lambda f: abs(f - i))
-    return boxes[j][1]
+def _finite(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
 
 
-def _append(rows, *, video, frame, status, box, member, n_frames):
+def _append(rows, *, video, frame, status, box, member, n_frames, crop, detector):
     rows["video"].append(video)
     rows["frame"].append(frame)
     rows["status"].append(status)
     for j, c in enumerate(("x0", "y0", "x1", "y1", "score")):
-        rows[c].append(None if box is None else float(box[j]))
+        rows[c].append(None if box is None else _finite(box[j]))
+    for j, c in enumerate(LANDMARK_COLUMNS, start=5):
+        rows[c].append(None if box is None or len(box) <= j else _finite(box[j]))
     rows["member"].append(member)
     rows["n_frames"].append(n_frames)
+    rows["crop"].append(crop)
+    rows["detector"].append(detector)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -242,10 +354,103 @@ def read_image(path: str) -> np.ndarray | None:
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
 
+# ---- Aff-Wild2 cropped_aligned -----------------------------------------------------------------
+CROPPED_SUFFIXES = (".jpg", ".jpeg", ".png")
+_NUMBERED = re.compile(r"^\d+$")
+
+
+def count_frames(video: str) -> int:
+    """Frames OpenCV decodes from ``video`` (the count every stage uses); VideoError if unreadable."""
+    cap = cv2.VideoCapture(video)
+    if not cap.isOpened():
+        raise VideoError(f"{video}: cannot be opened as a video")
+    try:
+        n = 0
+        while cap.grab():
+            n += 1
+        return n
+    finally:
+        cap.release()
+
+
+def cropped_files(folder: str | Path) -> tuple[dict[int, Path], list[str]]:
+    """``{frame: file}`` of a cropped_aligned folder (``00001.jpg`` is frame 0), and the names
+    that are not numbered images (or duplicate a frame) and were ignored."""
+    files: dict[int, Path] = {}
+    ignored: list[str] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return files, ignored
+    for p in sorted(folder.iterdir()):
+        number = int(p.stem) if _NUMBERED.match(p.stem) else 0
+        if p.suffix.lower() not in CROPPED_SUFFIXES or number < 1 or (number - 1) in files:
+            ignored.append(p.name)
+            continue
+        files[number - 1] = p
+    return files, ignored
+
+
+def _cropped_jpeg(path: Path, size: int, quality: int) -> bytes | None:
+    """The file as a ``size`` square JPEG (its own bytes when it already is one); None if unreadable."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        return None
+    h, w = image.shape[:2]
+    if (h, w) == (size, size) and data[:2] == b"\xff\xd8":
+        return data
+    interpolation = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_CUBIC
+    return encode_jpeg(cv2.resize(image, (size, size), interpolation=interpolation), quality)
+
+
+def extract_cropped(folders: dict[str, str], n_frames: int | None, settings: ExtractSettings, out_tar: str,
+                    out_table: str, log=sys.stderr) -> pl.DataFrame:
+    """Aff-Wild2's own crops for each annotation name (``{name: folder}``) of one video.
+
+    One row per person and frame ``0..n_frames-1``: ``provided`` (file found and readable),
+    ``unreadable`` or ``missing``. Files numbered beyond the video are not used (the shard stage
+    drops annotation lines beyond the video anyway); they and non-image names are reported on
+    ``log``. ``n_frames=None`` (unreadable video): an empty table, as in video mode.
+    """
+    described = settings_json(
+        {"name": "cropped_aligned", "folders": {k: str(v) for k, v in sorted(folders.items())}},
+        {"crop_size": settings.crop_size, "jpeg_quality": settings.jpeg_quality})
+    rows = _rows()
+    with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, folder in folders.items():
+            if n_frames is None:
+                break
+            files, ignored = cropped_files(folder)
+            beyond = sorted(f for f in files if f >= n_frames)
+            if not Path(folder).is_dir():
+                print(f"{name}: no cropped_aligned folder {folder}; every frame is missing", file=log)
+            if ignored:
+                print(f"{name}: ignored {len(ignored)} files that are not numbered images, e.g. {ignored[:3]}", file=log)
+            if beyond:
+                print(f"{name}: {len(beyond)} files beyond the video's {n_frames} frames not used "
+                      f"(frames {beyond[0]}..{beyond[-1]})", file=log)
+            for i in range(n_frames):
+                path = files.get(i)
+                data = None if path is None else _cropped_jpeg(path, settings.crop_size, settings.jpeg_quality)
+                status = "missing" if path is None else ("unreadable" if data is None else "provided")
+                member = f"{name}/{i:06d}.jpg" if data is not None else None
+                if member:
+                    _add_member(tar, member, data)
+                _append(rows, video=name, frame=i, status=status, box=None, member=member, n_frames=n_frames,
+                        crop="cropped_aligned" if member else None, detector=described)
+    return _write(rows, out_table)
+
+
+# ---- image datasets ----------------------------------------------------------------------------
 def extract_images(manifest: pl.DataFrame, unit: str, settings: ExtractSettings, out_tar: str,
                    out_table: str) -> pl.DataFrame:
     """Crop the given boxes of one chunk of an image source."""
-    rows = {c: [] for c in FACES}
+    rows = _rows()
+    described = settings_json({"name": "given_boxes"}, {"margin": settings.margin, "crop_size": settings.crop_size,
+                                                         "jpeg_quality": settings.jpeg_quality})
     todo = manifest.filter((pl.col("unit") == unit) & pl.col("drop").is_null()).sort("frame")
     n = todo.height
     with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -269,10 +474,13 @@ def extract_images(manifest: pl.DataFrame, unit: str, settings: ExtractSettings,
                     crop = crop_face(image, box, settings.margin, settings.crop_size)
                     _add_member(tar, member, encode_jpeg(crop, settings.jpeg_quality))
             _append(rows, video=r["video"], frame=r["frame"], status=status,
-                    box=box if status in ("provided", "bad_box") else None, member=member, n_frames=n)
-    table = pl.DataFrame(rows, schema=FACES)
-    write_table(table, out_table, FACES)
-    return table
+                    box=box if status in ("provided", "bad_box") else None, member=member, n_frames=n,
+                    crop="square" if member else None, detector=described)
+    return _write(rows, out_table)
+
+
+def _persons(specs: list[str]) -> dict[str, str]:
+    return dict(p.split("=", 1) if "=" in p else (p, "") for p in specs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,12 +488,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     pv = sub.add_parser("video", help="detect and crop the faces of one video")
     pv.add_argument("--video", required=True)
-    pv.add_argument("--person", action="append", required=True, metavar="ANNOTATION=SIDE",
-                    help="annotation name and side (left, right, or empty for the main face); repeatable")
+    pc = sub.add_parser("cropped", help="use Aff-Wild2's cropped_aligned frames of one video instead of detection")
+    pc.add_argument("--root", help="the cropped_aligned folder: one folder of NNNNN.jpg per annotation name")
+    pc.add_argument("--dir", action="append", default=[], metavar="ANNOTATION=FOLDER",
+                    help="the folder of one annotation name (instead of <root>/<name>); repeatable")
+    count = pc.add_mutually_exclusive_group(required=True)
+    count.add_argument("--video", help="the video, decoded once to count its frames")
+    count.add_argument("--n-frames", type=int, help="the video's frame count, when known")
+    for p in (pv, pc):
+        p.add_argument("--person", action="append", required=True, metavar="ANNOTATION=SIDE",
+                       help="annotation name and side (left, right, or empty for the main face); repeatable")
     pi = sub.add_parser("images", help="crop the given boxes of one chunk of an image source")
     pi.add_argument("--manifest", required=True)
     pi.add_argument("--unit", required=True)
-    for p in (pv, pi):
+    for p in (pv, pc, pi):
         p.add_argument("--settings", default="{}", help="extraction settings as JSON (config.yaml: extract)")
         p.add_argument("--out-tar", required=True)
         p.add_argument("--out-table", required=True)
@@ -293,9 +509,40 @@ def main(argv: list[str] | None = None) -> int:
     settings = ExtractSettings.from_json(args.settings)
     t0 = time.perf_counter()
     if args.mode == "video":
-        persons = dict(p.split("=", 1) if "=" in p else (p, "") for p in args.person)
-        table = extract_video(args.video, persons, settings, make_detector(settings), args.out_tar, args.out_table)
+        persons = _persons(args.person)
+        claim = contextlib.nullcontext(None)
+        if settings.detector == "retinaface":
+            from .devices import select_device
+
+            claim = select_device(settings.device)
+        with claim as device:
+            if device is not None and device.type == "cuda":
+                import torch
+
+                torch.backends.cudnn.benchmark = True  # one detection shape per video
+            detector = make_detector(settings, str(device) if device is not None else None)
+            table = extract_video(args.video, persons, settings, detector, args.out_tar, args.out_table)
         what = args.video
+    elif args.mode == "cropped":
+        persons = _persons(args.person)
+        dirs = dict(d.split("=", 1) for d in args.dir if "=" in d)
+        unknown = sorted(set(dirs) - set(persons))
+        if unknown or len(dirs) != len(args.dir):
+            parser.error(f"--dir must be ANNOTATION=FOLDER for an annotation given with --person (got {args.dir})")
+        missing = [n for n in persons if n not in dirs and not args.root]
+        if missing:
+            parser.error(f"no folder for {missing}: give --root or --dir NAME=FOLDER")
+        folders = {n: dirs.get(n) or str(Path(args.root) / n) for n in persons}
+        if args.video is not None:
+            try:
+                n_frames = count_frames(args.video)
+            except VideoError as e:
+                print(f"{e}; writing an empty table", file=sys.stderr)
+                n_frames = None
+        else:
+            n_frames = args.n_frames
+        table = extract_cropped(folders, n_frames, settings, args.out_tar, args.out_table)
+        what = f"{args.video or ''} cropped_aligned {sorted(folders.values())}"
     else:
         manifest = read_table(args.manifest, MANIFEST)
         table = extract_images(manifest, args.unit, settings, args.out_tar, args.out_table)

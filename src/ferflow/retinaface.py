@@ -212,6 +212,7 @@ class RetinaFaceDetector:
         self.nms_threshold = float(nms_threshold)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
+        self.weights = str(weights) if weights else RETINAFACE_URL
         state = load_retinaface_weights(weights)
         model = build_retinaface()
         try:
@@ -229,6 +230,11 @@ class RetinaFaceDetector:
         # NMS in float64 (exact translation of float32 boxes); MPS has no float64.
         self._nms_dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self._priors: dict[tuple[int, int], Tensor] = {}
+
+    def settings(self) -> dict:
+        """What decides the output (batch size and device do not), for the FACES ``detector`` column."""
+        return {"name": self.name, "network": "resnet50", "weights": self.weights, "detect_size": self.detect_size,
+                "min_score": self.min_score, "nms_threshold": self.nms_threshold}
 
     def _priors_for(self, shape: tuple[int, int]) -> Tensor:
         if shape not in self._priors:

@@ -48,6 +48,23 @@ FACES: Schema = {
     "n_frames": pl.Int64,  # decoded frames of the video (images: rows of the chunk)
 }
 
+#: The five landmarks of a face, in image order as RetinaFace gives them ("left" = image left).
+LANDMARK_POINTS = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
+
+#: Per-frame details the extraction writes after FACES' columns, in the same file. Kept apart from
+#: FACES so that readers of FACES (shards, evaluate) and tables written without them stay valid;
+#: read ``<unit>.parquet`` with FACES_FULL to get them.
+FACE_DETAILS: Schema = {
+    # landmarks in frame pixels (interpolated like the box); null without landmarks (Haar, given
+    # boxes, cropped_aligned frames) and without a face
+    **{f"{p}_{c}": pl.Float32 for p in LANDMARK_POINTS for c in "xy"},
+    "crop": pl.String,  # square | aligned | cropped_aligned (the dataset's own crop); null when no crop
+    "detector": pl.String,  # settings used, as sorted JSON: {"detector": {...}, "extract": {...}}; same on every row
+}
+
+#: Everything ``ferflow.extract`` writes to ``<unit>.parquet``.
+FACES_FULL: Schema = {**FACES, **FACE_DETAILS}
+
 #: One row per sample written to a shard; the single source of truth for labels.
 LABELS: Schema = {
     "key": pl.String,  # WebDataset __key__, unique
