@@ -99,8 +99,10 @@ def test_affectnet_csv_label_map_and_invalid(tmp_path):
     assert df["valence"].to_list()[4] is None
     assert (df["box_x0"][0], df["box_y0"][0], df["box_x1"][0], df["box_y1"][0]) == (10, 20, 40, 60)
     assert set(df["unit"]) <= {"chunk000", "chunk001"}
-    # frames are unique within a chunk
-    assert df.group_by("unit", "frame").len()["len"].max() == 1
+    # an image's identity is its path (video) and face number (frame): keys never shift
+    assert df["video"].to_list() == ["1/a.jpg", "1/b.jpg", "2/c.jpg", "2/d.jpg", "2/e.jpg"]
+    assert set(df["frame"]) == {0}
+    assert df["unit"].to_list() == [layout.chunk_of(v, 2) for v in df["video"]]
 
 
 def test_expw_and_cli_writes_checked_manifest(tmp_path):
@@ -109,9 +111,11 @@ def test_expw_and_cli_writes_checked_manifest(tmp_path):
     out = tmp_path / "m.parquet"
     src = {"name": "expw", "kind": "expw", "root": str(root), "split": "train", "chunks": 1}
     assert index.main(["--source", json.dumps(src), "--out", str(out)]) == 0
-    df = read_table(out, MANIFEST).sort("frame")
+    df = read_table(out, MANIFEST).sort("video", "frame")
     assert df["expression"].to_list() == [4, 0, None]   # happy -> Happiness(4), neutral -> Neutral(0)
     assert df["drop"].to_list() == [None, None, "unmapped_label"]
+    assert list(zip(df["video"], df["frame"])) == [("x.jpg", 0), ("x.jpg", 1), ("y.jpg", 0)]
+    assert df["unit"].n_unique() == 1   # both faces of x.jpg in one chunk: the image is read once
     assert (df["box_x0"][0], df["box_y0"][0], df["box_x1"][0], df["box_y1"][0]) == (6, 5, 50, 60)
     write(root / "label" / "label.lst", "x.jpg 0 5 6 50\n")
     with pytest.raises(index.AnnotationError, match=r"label\.lst:1: expected 8 fields"):

@@ -1,8 +1,25 @@
 """Stage ``index``: read one source in its native layout and write its manifest.
 
-One manifest row per annotated frame (videos) or annotated image (image datasets), with labels
-already mapped into the ABAW space. Rows that can never be used keep their place in the manifest
-with a ``drop`` reason, so that the accounting can show where every annotated frame went.
+One manifest row per annotated frame (videos) or annotated face of an image (image datasets), with
+labels already mapped into the ABAW space. Rows that can never be used keep their place in the
+manifest with a ``drop`` reason, so that the accounting can show where every annotated frame went.
+
+Kinds (native layouts in ``shared/docs/formats.md``):
+
+- ``affwild2``: EXPR/VA txt files per video (two-person ``_left``/``_right`` files); a ``test_list``
+  adds one placeholder row per test video (frame :data:`WHOLE_VIDEO`, split ``test``, no labels):
+  the frame count is only known once the video is decoded, so the shard stage expands it into one
+  row per decoded frame.
+- ``affectnet``: the csv release; ``affectnet_npy``: the newer ``{train,val}_set/images`` +
+  ``annotations/<id>_{exp,val,aro}.npy`` release (face crops: the box is the whole image).
+- ``expw``: ``label/label.lst``. ``aihub``: per-emotion folders with JSON lists of three annotators'
+  labels and boxes (``vote: majority | unanimous``; disagreement is dropped as ``no_consensus``).
+- ``generic``: a csv or parquet of ``path``, optional box ``x0,y0,x1,y1`` (none: the image is the
+  face), ``expression`` (ABAW name or index), ``valence``, ``arousal``, optional ``split``.
+
+Images: ``video`` is the image's path relative to the source (:func:`layout.image_name`), ``frame``
+the face's number in the image, so sample keys never change when images are added. The same face
+listed twice (also across splits) is kept once; the other rows are dropped as ``duplicate``.
 
     python -m ferflow.index --source '{"name": "affwild2", "kind": "affwild2", "root": ...}' \
         --out results/manifest/affwild2.parquet
@@ -15,36 +32,86 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
+import unicodedata
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from . import layout
 from .labels import EXPR_HEADER, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER, expression_index
-from .schemas import MANIFEST, write_table
+from .schemas import MANIFEST, WHOLE_VIDEO, write_table
 
+AFFECTNET_MAP = {"0": "Neutral", "1": "Happiness", "2": "Sadness", "3": "Surprise", "4": "Fear",
+                 "5": "Disgust", "6": "Anger", "7": "Other"}
 DEFAULT_LABEL_MAPS: dict[str, dict[str, str]] = {
     "affwild2": {str(i): name for i, name in enumerate(EXPRESSIONS)},
     # AffectNet: 0 Neutral 1 Happy 2 Sad 3 Surprise 4 Fear 5 Disgust 6 Anger 7 Contempt (8-10 dropped)
-    "affectnet": {"0": "Neutral", "1": "Happiness", "2": "Sadness", "3": "Surprise", "4": "Fear",
-                  "5": "Disgust", "6": "Anger", "7": "Other"},
+    "affectnet": AFFECTNET_MAP,
+    "affectnet_npy": AFFECTNET_MAP,
     # ExpW: 0 angry 1 disgust 2 fear 3 happy 4 sad 5 surprise 6 neutral
     "expw": {"0": "Anger", "1": "Disgust", "2": "Fear", "3": "Happiness", "4": "Sadness",
              "5": "Surprise", "6": "Neutral"},
+    # AI-Hub: the paper's subset (neutral, anger, fear, surprise); 기쁨 joy, 슬픔 sadness and 상처
+    # hurt are left out (unmapped_label) unless the config maps them
+    "aihub": {"중립": "Neutral", "분노": "Anger", "불안": "Fear", "당황": "Surprise"},
     "generic": {name: name for name in EXPRESSIONS} | {str(i): n for i, n in enumerate(EXPRESSIONS)},
 }
 DEFAULT_SPLITS = {"affwild2": dict(layout.AFFWILD2_SPLIT_DIRS),
-                  "affectnet": {"training": "train", "validation": "validation"}}
+                  "affectnet": {"training": "train", "validation": "validation"},
+                  "affectnet_npy": dict(layout.AFFECTNET_NPY_SPLITS)}
+VOTES = ("majority", "unanimous")
+SPLITS = ("train", "validation", "test")
 
 
 class AnnotationError(ValueError):
     """A file that cannot be read as what it claims to be; the message names the file."""
 
 
-def label_map_for(source: dict) -> dict[str, int]:
+def _nfc(text) -> str:
+    """Native label as text: stripped, Unicode NFC (Korean names may come decomposed), integral
+    floats as integers (a parquet column of 1.0, 4.0 means classes 1 and 4)."""
+    if isinstance(text, float) and text.is_integer():
+        text = int(text)
+    return unicodedata.normalize("NFC", str(text).strip())
+
+
+class LabelMap:
+    """Native label -> ABAW class index, from the source's ``label_map`` (or its kind's default).
+
+    Lookup is exact, then case-insensitive; labels it does not know map to None (unmapped_label).
+    """
+
+    def __init__(self, names: dict[str, str]):
+        self.exact = {_nfc(k): expression_index(v) for k, v in names.items()}
+        self.folded = {k.casefold(): v for k, v in self.exact.items()}
+
+    def get(self, native) -> int | None:
+        if native is None:
+            return None
+        text = _nfc(native)
+        return self.exact.get(text, self.folded.get(text.casefold()))
+
+    def __contains__(self, native) -> bool:
+        return self.get(native) is not None
+
+
+def label_map_for(source: dict) -> LabelMap:
     names = source.get("label_map") or DEFAULT_LABEL_MAPS[source["kind"]]
-    return {str(k): expression_index(v) for k, v in names.items()}
+    return LabelMap(names)
+
+
+def splits_for(source: dict) -> dict[str, str]:
+    """Native split -> pipeline split, without the native splits mapped to None (not used)."""
+    given = source.get("splits")
+    splits = DEFAULT_SPLITS.get(source["kind"], {}) if given is None else given
+    bad = {k: v for k, v in splits.items() if v is not None and v not in SPLITS}
+    if bad:
+        raise ValueError(f"source {source.get('name')!r}: unknown pipeline splits {bad}; valid: {SPLITS} (or null: not used)")
+    return {k: v for k, v in splits.items() if v is not None}
 
 
 def read_text_lines(path: str | os.PathLike) -> list[str]:
@@ -117,11 +184,18 @@ def _rows(**columns) -> pl.DataFrame:
 
 def index_affwild2(source: dict) -> pl.DataFrame:
     tasks = source.get("tasks") or ["expr", "va"]
-    units = layout.affwild2_units(source["root"], source.get("videos"),
-                                  source.get("splits") or DEFAULT_SPLITS["affwild2"], tasks)
+    test_names = layout.read_test_list(source["test_list"]) if source.get("test_list") else None
+    units = layout.affwild2_units(source["root"], source.get("videos"), splits_for(source), tasks,
+                                  test_names=test_names)
     frames = []
     for unit in units:
         for ann in unit.annotations:
+            if ann.split == layout.TEST_SPLIT and not ann.files:
+                # a test video: one placeholder row, expanded to every decoded frame by the shards
+                frames.append(_rows(source=source["name"], split=ann.split, unit=unit.unit, video=ann.name,
+                                    frame=[WHOLE_VIDEO], person=ann.person, path=unit.video_path or "",
+                                    drop=None if unit.video_path else "no_video"))
+                continue
             per_task = {t: parse_affwild2_file(f, t) for t, f in ann.files.items()}
             n = max(len(v) for v, _ in per_task.values())
             expr_v, expr_r = per_task.get("expr", ([], []))
@@ -148,32 +222,70 @@ def index_affwild2(source: dict) -> pl.DataFrame:
     return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
+# ---- image sources -------------------------------------------------------------------------------
+WHOLE_IMAGE = "image"  # a record's box: the image is the face crop; the box is the image's bounds
+
+
+def image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of an image from its header (PIL; OpenCV decodes what PIL cannot); None when
+    unreadable (the extraction then counts it as ``unreadable_image``)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        pass
+    try:
+        import cv2
+
+        img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        return None if img is None else (img.shape[1], img.shape[0])
+    except Exception:
+        return None
+
+
+def _va_state(v, a) -> tuple[bool, bool]:
+    """(usable, given but invalid) for a valence/arousal pair; a value < -1 (AffectNet's -2) is
+    'not annotated', NaN or > 1 is invalid."""
+    if v is None or a is None:
+        return False, False
+    if math.isnan(v) or math.isnan(a) or v > 1 or a > 1:
+        return False, True
+    return (v >= -1 and a >= -1), False
+
+
 def _image_rows(source: dict, split: str, records: list[dict]) -> pl.DataFrame:
-    """Rows for image sources: records with rel, path, box, native expression, valence, arousal."""
+    """Rows for image sources. A record: ``rel`` (image path relative to the source), ``face``
+    (number of the face in the image, default 0), ``path``, ``box`` (x0, y0, x1, y1), None, or
+    :data:`WHOLE_IMAGE`), native ``expression``, ``valence``, ``arousal``, and optional reasons
+    found by the reader: ``drop`` about the labels (e.g. ``no_consensus``), checked first, and
+    ``box_drop`` (``bad_box``), checked after the labels."""
     chunks = int(source.get("chunks") or 1)
     lmap = label_map_for(source)
     out = {c: [] for c in MANIFEST}
-    counters: dict[str, int] = {}
-    for rec in sorted(records, key=lambda r: (r["rel"], r.get("face_id", 0))):
-        chunk = layout.chunk_of(rec["rel"], chunks)
-        frame = counters.get(chunk, 0)
-        counters[chunk] = frame + 1
+    for rec in records:
+        video = layout.image_name(rec["rel"])
         native = rec.get("expression")
-        expr = None if native is None else lmap.get(str(native).strip())
+        native = None if native is None or _nfc(native) == "" else native
+        expr = lmap.get(native)
         v, a = rec.get("valence"), rec.get("arousal")
-        va_ok = v is not None and a is not None and -1 <= v <= 1 and -1 <= a <= 1
-        drop = None
-        if expr is None and not va_ok:
-            va_given = v is not None and a is not None
-            if native is not None and str(native).strip() not in lmap:
+        va_ok, va_bad = _va_state(v, a)
+        drop = rec.get("drop")
+        if drop is None and expr is None and not va_ok:
+            if native is not None:
                 drop = "unmapped_label"
-            elif va_given and (math.isnan(v) or math.isnan(a) or v > 1 or a > 1):
+            elif va_bad:
                 drop = "invalid_value"
             else:
                 drop = "unannotated"  # AffectNet's -2, or no label at all
+        drop = drop or rec.get("box_drop")
         box = rec.get("box")
-        row = dict(source=source["name"], split=split, unit=chunk, video=chunk, frame=frame,
-                   person="", path=rec["path"], expression=expr,
+        if box == WHOLE_IMAGE:
+            size = image_size(rec["path"]) if drop is None else None
+            box = (0.0, 0.0, float(size[0]), float(size[1])) if size else None
+        row = dict(source=source["name"], split=split, unit=layout.chunk_of(video, chunks), video=video,
+                   frame=int(rec.get("face", 0)), person="", path=rec["path"], expression=expr,
                    valence=v if va_ok else None, arousal=a if va_ok else None,
                    box_x0=box[0] if box else None, box_y0=box[1] if box else None,
                    box_x1=box[2] if box else None, box_y1=box[3] if box else None, drop=drop)
@@ -182,18 +294,27 @@ def _image_rows(source: dict, split: str, records: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(out, schema=MANIFEST)
 
 
-def _float(text: str | None) -> float | None:
+def mark_duplicates(df: pl.DataFrame) -> pl.DataFrame:
+    """Of the usable rows of one face (same video and frame, also across splits), keep the first;
+    the others are dropped as ``duplicate``. Extraction then sees each face once."""
+    usable = pl.col("drop").is_null()
+    first = pl.int_range(pl.len()).over("video", "frame", usable) == 0
+    return df.with_columns(drop=pl.when(usable & ~first).then(pl.lit("duplicate")).otherwise(pl.col("drop")))
+
+
+def _float(text) -> float | None:
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
     try:
-        return float(text) if text not in (None, "") else None
-    except ValueError:
+        return float(text)
+    except (TypeError, ValueError):
         return None
 
 
 def index_affectnet(source: dict) -> pl.DataFrame:
     root = Path(source["root"])
-    splits = source.get("splits") or DEFAULT_SPLITS["affectnet"]
     frames = []
-    for native, split in splits.items():
+    for native, split in splits_for(source).items():
         csv_path = root / "Manually_Annotated_file_lists" / f"{native}.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path}: AffectNet list for split {native!r} not found")
@@ -210,12 +331,60 @@ def index_affectnet(source: dict) -> pl.DataFrame:
                 rel = row["subDirectory_filePath"]
                 records.append(dict(rel=rel, path=str(root / "Manually_Annotated_Images" / rel), box=box,
                                     expression=row["expression"], valence=_float(row.get("valence")),
-                                    arousal=_float(row.get("arousal"))))
+                                    arousal=_float(row.get("arousal")),
+                                    box_drop=None if box else "bad_box"))
         if "va" not in (source.get("tasks") or ["expr", "va"]):
             for r in records:
                 r["valence"] = r["arousal"] = None
         frames.append(_image_rows(source, split, records))
-    return pl.concat(frames)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
+
+
+def _npy_value(path: Path):
+    """The scalar of one AffectNet ``.npy`` annotation (a string like ``'3'`` or ``'-0.25'`` in the
+    release, or a number); ``None`` when the file is absent; ``ValueError`` when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if arr.size != 1:
+        raise ValueError(f"{path}: expected one value, found shape {arr.shape}")
+    value = arr.reshape(()).item()
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def index_affectnet_npy(source: dict) -> pl.DataFrame:
+    """AffectNet's newer release: ``<root>/<native split>/images/<id>.jpg`` and
+    ``annotations/<id>_{exp,val,aro,lnd}.npy``. One row per ``<id>_exp.npy`` (an annotated image);
+    an unreadable annotation file is ``invalid_value``, a missing image ``unreadable_image``."""
+    root = Path(source["root"])
+    tasks = source.get("tasks") or ["expr", "va"]
+    frames = []
+    for native, split in splits_for(source).items():
+        ann_dir, img_dir = root / native / "annotations", root / native / "images"
+        if not ann_dir.is_dir():
+            raise FileNotFoundError(f"{ann_dir}: AffectNet annotations for split {native!r} not found")
+        images = {os.path.splitext(f)[0]: f for f in (sorted(os.listdir(img_dir)) if img_dir.is_dir() else [])
+                  if os.path.splitext(f)[1].lower() in layout.IMAGE_EXTENSIONS}
+        ids = sorted(e.name[: -len("_exp.npy")] for e in os.scandir(ann_dir) if e.name.endswith("_exp.npy"))
+        records = []
+        for image_id in ids:
+            name = images.get(image_id, f"{image_id}.jpg")
+            rec = dict(rel=f"{native}/images/{name}", path=str(img_dir / name), box=WHOLE_IMAGE)
+            try:
+                rec["expression"] = _npy_value(ann_dir / f"{image_id}_exp.npy")
+                if "va" in tasks:
+                    rec["valence"] = _float(_npy_value(ann_dir / f"{image_id}_val.npy"))
+                    rec["arousal"] = _float(_npy_value(ann_dir / f"{image_id}_aro.npy"))
+            except ValueError:
+                rec["drop"] = "invalid_value"
+            if "expr" not in tasks:
+                rec["expression"] = None
+            records.append(rec)
+        frames.append(_image_rows(source, split, records))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
 def index_expw(source: dict) -> pl.DataFrame:
@@ -231,40 +400,200 @@ def index_expw(source: dict) -> pl.DataFrame:
         name, face_id, top, left, right, bottom, _conf, label = parts
         try:
             box = (float(left), float(top), float(right), float(bottom))
+            face = int(face_id)
         except ValueError as exc:
-            raise AnnotationError(f"{lst}:{lineno}: non-numeric box: {line[:80]!r}") from exc
-        records.append(dict(rel=f"{name}#{face_id}", face_id=int(face_id) if face_id.isdigit() else 0,
-                            path=str(root / "image" / "origin" / name), box=box, expression=label))
+            raise AnnotationError(f"{lst}:{lineno}: non-numeric face id or box: {line[:80]!r}") from exc
+        records.append(dict(rel=name, face=face, path=str(root / "image" / "origin" / name), box=box,
+                            expression=label))
     return _image_rows(source, source.get("split") or "train", records)
+
+
+# ---- AI-Hub --------------------------------------------------------------------------------------
+def vote(labels: list, n_annotators: int, rule: str) -> tuple[str | None, str | None]:
+    """(label, drop reason) from the annotators' labels (None: that annotator gave none).
+
+    ``majority``: a label given by more than half of the annotators; ``unanimous``: by all of them.
+    No label at all is ``unannotated``; otherwise no winner is ``no_consensus``.
+    """
+    if rule not in VOTES:
+        raise ValueError(f"unknown vote {rule!r}; valid: {', '.join(VOTES)}")
+    given = [_nfc(x) for x in labels if x is not None and _nfc(x) != ""]
+    if not given:
+        return None, "unannotated"
+    label, count = Counter(given).most_common(1)[0]
+    need = n_annotators if rule == "unanimous" else n_annotators // 2 + 1
+    return (label, None) if count >= need else (None, "no_consensus")
+
+
+def median_box(boxes: list) -> tuple[float, float, float, float] | None:
+    """Per-coordinate median of the annotators' valid boxes ``{minX, minY, maxX, maxY}``."""
+    valid = []
+    for b in boxes:
+        if not isinstance(b, dict):
+            continue
+        c = [_float(b.get(k)) for k in ("minX", "minY", "maxX", "maxY")]
+        if None in c or not all(math.isfinite(x) for x in c) or c[2] <= c[0] or c[3] <= c[1]:
+            continue
+        valid.append(c)
+    if not valid:
+        return None
+    return tuple(float(statistics.median(col)) for col in zip(*valid))
+
+
+def _aihub_images(folder: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for d, _, files in os.walk(folder):
+        for f in sorted(files):
+            if os.path.splitext(f)[1].lower() in layout.IMAGE_EXTENSIONS:
+                found.setdefault(unicodedata.normalize("NFC", f), []).append(Path(d) / f)
+    return found
+
+
+def index_aihub(source: dict) -> pl.DataFrame:
+    """AI-Hub Korean emotion images: JSON lists of items ``{"filename", "faceExp_uploader",
+    "annot_A": {"faceExp", "boxes": {minX, minY, maxX, maxY}}, "annot_B", "annot_C"}``.
+
+    The label is the annotators' vote (config ``vote``: majority, the default, or unanimous) on
+    their native labels, then mapped by ``label_map``; the box is the median of their boxes (no
+    valid box: ``bad_box``). An image is looked up beside its JSON file, else by file name
+    anywhere under the split's folder (two candidates there: an error naming them).
+    """
+    root = Path(source["root"])
+    rule = source.get("vote") or "majority"
+    if rule not in VOTES:
+        raise ValueError(f"source {source.get('name')!r}: unknown vote {rule!r}; valid: {', '.join(VOTES)}")
+    given = source.get("splits")
+    splits = {"": source.get("split") or "train"} if not given else splits_for(source)
+    frames = []
+    for native, split in splits.items():
+        folder = root / native if native else root
+        jsons = layout.aihub_label_files(folder)
+        if not jsons:
+            raise FileNotFoundError(f"{folder}: no AI-Hub JSON label files found")
+        images = _aihub_images(folder)
+        records = []
+        for jpath in map(Path, jsons):
+            try:
+                items = json.loads(jpath.read_bytes().decode("utf-8-sig"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise AnnotationError(f"{jpath}: not a JSON file ({exc})") from exc
+            if not isinstance(items, list):
+                raise AnnotationError(f"{jpath}: the root must be a list of items, got {type(items).__name__}")
+            for i, item in enumerate(items):
+                if not isinstance(item, dict) or not isinstance(item.get("filename"), str) or not item["filename"].strip():
+                    raise AnnotationError(f"{jpath}: item {i} has no 'filename'")
+                filename = unicodedata.normalize("NFC", item["filename"].strip())
+                path = jpath.parent / filename
+                if not path.is_file():
+                    candidates = images.get(Path(filename).name, [])
+                    if len(candidates) > 1:
+                        raise AnnotationError(f"{jpath}: item {i}: {filename!r} matches several images: "
+                                              f"{[str(c) for c in candidates[:3]]}")
+                    if candidates:
+                        path = candidates[0]
+                annots = [v for k, v in sorted(item.items()) if k.startswith("annot_") and isinstance(v, dict)]
+                label, drop = vote([a.get("faceExp") for a in annots], len(annots), rule)
+                box = median_box([a.get("boxes") for a in annots])
+                try:
+                    rel = path.relative_to(root).as_posix()
+                except ValueError:
+                    rel = path.as_posix()
+                records.append(dict(rel=rel, path=str(path), box=box, expression=label, drop=drop,
+                                    box_drop=None if box else "bad_box"))
+        frames.append(_image_rows(source, split, records))
+    return pl.concat(frames)
+
+
+# ---- generic tables ------------------------------------------------------------------------------
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+def _generic_number(value, table: Path, row: int, column: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{table}: row {row}: column {column!r} is not a number: {value!r}") from None
 
 
 def index_generic(source: dict) -> pl.DataFrame:
-    """A csv or parquet with columns path, expression (name or index), valence, arousal and an
-    optional box (x0, y0, x1, y1); relative paths are relative to the table's folder."""
+    """A csv or parquet table: ``path`` (relative paths are relative to the table's folder),
+    optional ``x0, y0, x1, y1`` (all four; a row without them: the whole image is the face),
+    ``expression`` (ABAW name or index, or native labels with a ``label_map``), ``valence`` and
+    ``arousal`` (both or neither), and an optional ``split`` column (else the source's ``split``).
+    At least one label column is needed. Empty cells are missing labels; an image listed again with
+    the same box is a ``duplicate``; several boxes of one image are its faces 0, 1, ..."""
     table = Path(source["root"])
-    df = pl.read_parquet(table) if table.suffix == ".parquet" else pl.read_csv(table, infer_schema_length=0)
-    if "path" not in df.columns:
-        raise AnnotationError(f"{table}: a generic source needs a 'path' column")
-    records = []
-    for row in df.iter_rows(named=True):
-        p = str(row["path"])
+    if table.suffix.lower() not in (".csv", ".parquet"):
+        raise AnnotationError(f"{table}: a generic source is a .csv or .parquet table")
+    if not table.is_file():
+        raise FileNotFoundError(f"{table}: generic source table not found")
+    try:
+        df = pl.read_parquet(table) if table.suffix.lower() == ".parquet" else pl.read_csv(table, infer_schema_length=0)
+    except Exception as exc:
+        raise AnnotationError(f"{table}: cannot be read as {table.suffix[1:]} ({exc})") from exc
+    cols = set(df.columns)
+    problems = []
+    if "path" not in cols:
+        problems.append("a 'path' column is required")
+    if not cols & {"expression", "valence", "arousal"}:
+        problems.append("at least one label column (expression, valence, arousal) is required")
+    if len(cols & {"valence", "arousal"}) == 1:
+        problems.append("valence and arousal come together")
+    if 0 < len(cols & set(BOX_COLUMNS)) < 4:
+        problems.append(f"a box needs all of {', '.join(BOX_COLUMNS)} (found {sorted(cols & set(BOX_COLUMNS))})")
+    if problems:
+        raise AnnotationError(f"{table}: {'; '.join(problems)}; columns found: {df.columns}")
+    default_split = source.get("split") or "train"
+    per_split: dict[str, list[dict]] = {}
+    faces: dict[str, list] = {}  # path -> boxes in table order (the face number is the index)
+    for row_no, row in enumerate(df.iter_rows(named=True), start=2 if table.suffix.lower() == ".csv" else 0):
+        p = row["path"]
+        if p is None or not str(p).strip():
+            raise AnnotationError(f"{table}: row {row_no}: empty path")
+        p = str(p).strip()
+        split = row.get("split") or default_split
+        if split not in SPLITS:
+            raise AnnotationError(f"{table}: row {row_no}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
         box = None
-        if all(row.get(c) not in (None, "") for c in ("x0", "y0", "x1", "y1")):
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
-        records.append(dict(rel=p, path=p if os.path.isabs(p) else str(table.parent / p), box=box,
-                            expression=row.get("expression"), valence=_float(row.get("valence")),
-                            arousal=_float(row.get("arousal"))))
-    return _image_rows(source, source.get("split") or "train", records)
+        if "x0" in cols:
+            c = [_generic_number(row[k], table, row_no, k) for k in BOX_COLUMNS]
+            if all(x is not None for x in c):
+                box = tuple(c)
+            elif any(x is not None for x in c):
+                raise AnnotationError(f"{table}: row {row_no}: box {c} is incomplete")
+        boxes = faces.setdefault(p, [])
+        given = box or WHOLE_IMAGE
+        if given in boxes:  # the same face again: same face number, dropped as duplicate
+            face = boxes.index(given)
+        else:
+            face = len(boxes)
+            boxes.append(given)
+        rel = p if not os.path.isabs(p) else p.lstrip("/")
+        rec = dict(rel=rel, face=face, path=p if os.path.isabs(p) else str(table.parent / p), box=given,
+                   expression=row.get("expression"),
+                   valence=_generic_number(row.get("valence"), table, row_no, "valence"),
+                   arousal=_generic_number(row.get("arousal"), table, row_no, "arousal"))
+        if box is not None and not all(math.isfinite(x) for x in box):
+            rec["box_drop"] = "bad_box"
+        per_split.setdefault(split, []).append(rec)
+    frames = [_image_rows(source, split, recs) for split, recs in per_split.items()]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
-READERS = {"affwild2": index_affwild2, "affectnet": index_affectnet, "expw": index_expw,
-           "generic": index_generic}
+READERS = {"affwild2": index_affwild2, "affectnet": index_affectnet, "affectnet_npy": index_affectnet_npy,
+           "expw": index_expw, "aihub": index_aihub, "generic": index_generic}
+IMAGE_KINDS = {"affectnet", "affectnet_npy", "expw", "aihub", "generic"}
 
 
 def index_source(source: dict) -> pl.DataFrame:
     if source["kind"] not in READERS:
         raise ValueError(f"source {source.get('name')!r}: unknown kind {source['kind']!r}; known: {sorted(READERS)}")
-    return READERS[source["kind"]](source)
+    if source.get("test_list") and source["kind"] != "affwild2":
+        raise ValueError(f"source {source.get('name')!r}: test_list is for affwild2 sources (videos), not {source['kind']!r}")
+    df = READERS[source["kind"]](source)
+    return mark_duplicates(df) if source["kind"] in IMAGE_KINDS else df
 
 
 def summary(df: pl.DataFrame) -> pl.DataFrame:

@@ -15,6 +15,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v")
 AFFWILD2_TASK_DIRS = {"expr": "EXPR_Classification_Challenge", "va": "VA_Estimation_Challenge"}
 AFFWILD2_SPLIT_DIRS = {"Train_Set": "train", "Validation_Set": "validation"}
 PERSON_SUFFIXES = ("_left", "_right")
+TEST_SPLIT = "test"
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Annotation:
     name: str
     person: str  # "", "left" or "right"
     split: str
-    files: dict[str, str] = field(default_factory=dict)  # task -> annotation txt
+    files: dict[str, str] = field(default_factory=dict)  # task -> annotation txt (none for test videos)
 
 
 @dataclass
@@ -71,21 +72,47 @@ def _list_txt(folder: Path, listing: list[str] | None) -> list[str]:
     return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
+def read_test_list(path: str | os.PathLike) -> list[str]:
+    """Video names of a test list: one a line; blank lines and ``#`` comments skipped, a video
+    extension (``.mp4``) tolerated and removed, repeated names kept once (in first-seen order)."""
+    names: dict[str, None] = {}
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise FileNotFoundError(f"test list {path}: cannot be read ({exc})") from exc
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in VIDEO_EXTENSIONS:
+            name = stem
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{path}:{lineno}: a test list names videos, not paths: {line.strip()!r}")
+        names[name] = None
+    return list(names)
+
+
 def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = None,
-                   splits: dict[str, str] | None = None, tasks=("expr", "va"),
-                   listing: list[str] | None = None) -> list[VideoUnit]:
+                   splits: dict[str, str | None] | None = None, tasks=("expr", "va"),
+                   listing: list[str] | None = None, test_names: list[str] | None = None) -> list[VideoUnit]:
     """List Aff-Wild2 annotation files and pair each with its video file.
 
     ``<video>_left`` / ``<video>_right`` annotations refer to ``<video>.<ext>`` unless a video named
     with the suffix itself exists. ``listing`` replaces the disk (see :func:`find_videos`).
+    ``splits`` maps the native split folders to pipeline splits; a folder mapped to None is not used.
+    ``test_names`` (a test list) become annotations of split ``test`` without files: every frame of
+    those videos is extracted and written, without labels.
     """
     root = Path(root)
-    splits = splits or AFFWILD2_SPLIT_DIRS
+    splits = AFFWILD2_SPLIT_DIRS if splits is None else splits
     video_files = find_videos(videos if videos is not None else root / "videos", listing)
     annotations: dict[tuple[str, str], Annotation] = {}
     for task in tasks:
         task_dir = root / AFFWILD2_TASK_DIRS[task]
         for native, split in splits.items():
+            if split is None:
+                continue
             d = task_dir / native
             for f in _list_txt(d, listing):
                 if not f.endswith(".txt"):
@@ -95,6 +122,8 @@ def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = N
                 if key not in annotations:
                     annotations[key] = Annotation(name=name, person="", split=split)
                 annotations[key].files[task] = str(d / f)
+    for name in test_names or []:
+        annotations.setdefault((TEST_SPLIT, name), Annotation(name=name, person="", split=TEST_SPLIT))
     units: dict[str, VideoUnit] = {}
     for (split, name), ann in sorted(annotations.items()):
         unit = name
@@ -117,3 +146,31 @@ def chunk_of(relative_path: str, chunks: int) -> str:
 
 def image_units(chunks: int) -> list[str]:
     return [f"chunk{i:03d}" for i in range(chunks)]
+
+
+def image_name(relative_path: str) -> str:
+    """The ``video`` name of an image of an image source: its path relative to the source root,
+    with ``/`` separators, without empty or ``.`` parts, ``..`` written ``%2E%2E`` (so that it is
+    a safe tar member folder). Sample keys built from it are stable: adding images to a source
+    never changes the key of an image already there."""
+    parts = [p for p in relative_path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts:
+        raise ValueError(f"empty image path {relative_path!r}")
+    return "/".join("%2E%2E" if p == ".." else p for p in parts)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+AFFECTNET_NPY_SPLITS = {"train_set": "train", "val_set": "validation"}
+
+
+def affectnet_npy_folders(root: str | os.PathLike, splits: dict[str, str | None] | None = None) -> list[str]:
+    """The ``annotations`` folders of AffectNet's newer release (``<root>/<split>_set/annotations``)."""
+    splits = AFFECTNET_NPY_SPLITS if splits is None else splits
+    return [str(Path(root) / native / "annotations") for native, split in splits.items() if split is not None]
+
+
+def aihub_label_files(root: str | os.PathLike, splits: dict[str, str | None] | None = None) -> list[str]:
+    """The JSON label files of an AI-Hub source: every ``*.json`` under ``<root>/<native split>``
+    (or under ``root`` without ``splits``), sorted; folders mapped to None are not used."""
+    folders = [Path(root)] if not splits else [Path(root) / n for n, s in splits.items() if s is not None]
+    return sorted(str(p) for folder in folders if folder.is_dir() for p in folder.rglob("*.json") if p.is_file())

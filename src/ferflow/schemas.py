@@ -15,13 +15,19 @@ from .atomic import atomic_path
 
 Schema = dict[str, pl.DataType]
 
-#: One row per annotated frame (videos) or annotated image (image datasets).
+#: ``frame`` of a manifest row that stands for every decoded frame of its video: a video of a test
+#: list, whose frame count is only known once decoded. The shard stage expands it into one row per
+#: decoded frame (written, or dropped as no_face); it stays one row when the video is unusable.
+WHOLE_VIDEO = -1
+
+#: One row per annotated frame (videos) or annotated face of an image (image datasets), plus one
+#: WHOLE_VIDEO row per test video.
 MANIFEST: Schema = {
     "source": pl.String,  # source name from config
     "split": pl.String,  # train | validation | test
     "unit": pl.String,  # extraction unit: video file stem, or chunk id for image sources
-    "video": pl.String,  # annotation name (e.g. "10-60-1280x720_left"); chunk id for images
-    "frame": pl.Int64,  # 0-based frame index in the video; row index within an image chunk
+    "video": pl.String,  # annotation name (e.g. "10-60-1280x720_left"); images: path relative to the source
+    "frame": pl.Int64,  # 0-based frame index in the video (WHOLE_VIDEO: every frame); images: face number
     "person": pl.String,  # "", "left" or "right"
     "path": pl.String,  # video file or image file
     "expression": pl.Int8,  # ABAW class index, null when absent/invalid
@@ -78,7 +84,9 @@ LABELS: Schema = {
     "shard": pl.String,  # shard path relative to the shard directory
 }
 
-#: One row per manifest row: where it ended, with its labels (the evaluation's ground truth).
+#: One row per manifest row: where it ended, with its labels (the evaluation's ground truth). A
+#: WHOLE_VIDEO row (test video) becomes one row per decoded frame (no labels), or stays one row
+#: (frame WHOLE_VIDEO) when its video is missing or unreadable.
 ACCOUNTING: Schema = {
     "source": pl.String,
     "split": pl.String,
@@ -114,6 +122,7 @@ DROP_REASONS = (
     "unreadable_image",
     "bad_box",
     "duplicate",
+    "no_consensus",
 )
 
 

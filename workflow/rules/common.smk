@@ -17,7 +17,7 @@ RESULTS = config["results"].rstrip("/")
 SRC = Path(workflow.basedir) / "src" / "ferflow"
 DEMO = config["demo"]
 VIDEO_KINDS = {"affwild2"}
-IMAGE_KINDS = {"affectnet", "expw", "generic"}
+IMAGE_KINDS = {"affectnet", "affectnet_npy", "expw", "aihub", "generic"}
 SOURCES = {s["name"]: s for s in config["sources"]}
 if len(SOURCES) != len(config["sources"]):
     raise ValueError("config.yaml: two sources share a name")
@@ -91,10 +91,11 @@ def demo_files():
 
 # ---- sources and units ---------------------------------------------------------------------
 def video_units(name):
-    """Aff-Wild2 units (video file + annotated people), from the demo plan or the disk."""
+    """Aff-Wild2 units (video file + annotated people + test-list videos), from the demo plan or the disk."""
     src = SOURCES[name]
     listing = demo_files() if is_demo_path(src["root"]) else None
-    return layout.affwild2_units(src["root"], src.get("videos"), src.get("splits"), src.get("tasks", ["expr", "va"]), listing)
+    tests = layout.read_test_list(src["test_list"]) if src.get("test_list") else None
+    return layout.affwild2_units(src["root"], src.get("videos"), src.get("splits"), src.get("tasks", ["expr", "va"]), listing, tests)
 
 
 _UNITS = {}
@@ -112,12 +113,19 @@ def units(name):
 
 def index_inputs(wildcards):
     src = SOURCES[wildcards.source]
+    extra = [src["test_list"]] if src.get("test_list") else []
     if is_demo_path(src["root"]):
-        return demo_files()
+        return demo_files() + extra
     if src["kind"] in VIDEO_KINDS:
-        return sorted(f for u in video_units(wildcards.source) for a in u.annotations for f in a.files.values())
+        return sorted(f for u in video_units(wildcards.source) for a in u.annotations for f in a.files.values()) + extra
+    splits = src.get("splits")
     if src["kind"] == "affectnet":
-        return [os.path.join(src["root"], "Manually_Annotated_file_lists", f"{n}.csv") for n in src.get("splits", {"training": 0, "validation": 0})]
+        used = [n for n, s in (splits or {"training": 0, "validation": 0}).items() if s is not None]
+        return [os.path.join(src["root"], "Manually_Annotated_file_lists", f"{n}.csv") for n in used]
+    if src["kind"] == "affectnet_npy":  # the annotation folders (their entries, not 4 files per image)
+        return layout.affectnet_npy_folders(src["root"], splits)
+    if src["kind"] == "aihub":
+        return layout.aihub_label_files(src["root"], splits)
     if src["kind"] == "expw":
         return [os.path.join(src["root"], "label", "label.lst")]
     return [src["root"]]
