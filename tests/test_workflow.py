@@ -74,3 +74,20 @@ def test_unknown_config_key_is_rejected(tmp_path):
     proc = snakemake(tmp_path, "-n", configs=(CONFIG, bad), check=False)
     assert proc.returncode != 0
     assert "trainig" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_report_holds_metrics_and_plots(tiny_run):
+    work, _ = tiny_run
+    snakemake(work, "--report", "report.html")
+    html = (work / "report.html").read_text(errors="replace")
+    for name in ("metrics.json", "confusion.png", "f1_per_class.png", "va_hist.png", "curves.png"):
+        assert name in html, name
+    assert html.count("data:image/png;base64") + html.count("image/png") >= 4
+
+
+def test_even_smoothing_window_is_a_config_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("evaluation:\n  smoothing: 4\n")
+    proc = snakemake(tmp_path, "-n", configs=(CONFIG, bad), check=False)
+    assert proc.returncode != 0 and "smoothing" in proc.stdout + proc.stderr

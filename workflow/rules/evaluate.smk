@@ -19,6 +19,7 @@ rule evaluate_ensemble:
         weights=" ".join(f"{name}={w}" for name, w in variant_weights().items()),
         out_dir=lambda wc, output: os.path.dirname(output.metrics),
         split=EVAL_SPLIT,
+        smoothing=config["evaluation"]["smoothing"],
         code=code_version("evaluate"),
     log:
         "logs/evaluate_ensemble/evaluate_ensemble.log",
@@ -30,5 +31,6 @@ rule evaluate_ensemble:
         "../../envs/ferflow.yaml"
     shell:
         "python -m ferflow.evaluate --predictions {params.predictions} --weights {params.weights}"
-        " --accounting {input.accounting:q} --split {params.split} --out-dir {params.out_dir:q}"
+        " --accounting {input.accounting:q} --split {params.split} --smoothing {params.smoothing}"
+        " --out-dir {params.out_dir:q}"
         " > {output.summary:q}.tmp 2> {log:q} && mv {output.summary:q}.tmp {output.summary:q}"
