@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 from ferflow import shards
+from ferflow.labels import EXPR_HEADER
 from ferflow.schemas import ACCOUNTING, FACES, LABELS, MANIFEST, read_table, write_table
 
 
@@ -128,3 +129,50 @@ def test_unsafe_member_names_are_refused():
         with pytest.raises(ValueError, match="unsafe tar member name"):
             shards.safe_member_name(bad, "t.tar")
     assert shards.safe_member_name("v/000001.jpg", "t.tar") == "v/000001.jpg"
+
+
+def test_keys_are_stable_when_data_is_added(tmp_path):
+    """Re-running index -> extract -> shards with more data keeps every existing key, its labels
+    and its crop; only new keys appear (image keys are the image's path + face number, not a row
+    number within a chunk)."""
+    from test_accounting import (affwild2_source, expw_source, generic_source, run_pipeline, write_image,
+                                 write_text, write_video, BRIGHT)
+
+    data = tmp_path / "data"
+    sources = [affwild2_source(data), expw_source(data), generic_source(data)]
+
+    def crops(out):
+        got = {}
+        for p in sorted((out / "shards").glob("*/shard-*.tar")):
+            with tarfile.open(p) as tar:
+                for m in tar.getmembers():
+                    got[m.name[: -len(".jpg")]] = tar.extractfile(m).read()
+        return got
+
+    before = run_pipeline(sources, tmp_path / "a", samples_per_shard=3, seed=5)
+    old_labels = read_table(tmp_path / "a" / "shards" / "labels.parquet", LABELS)
+    old_crops = crops(tmp_path / "a")
+    # more data: ExpW images sorting before and after the old ones (same chunks), a new face of an
+    # old image, generic rows in front, a new Aff-Wild2 video
+    lst = data / "expw" / "label" / "label.lst"
+    write_image(data / "expw" / "image" / "origin" / "aaa.jpg")
+    write_image(data / "expw" / "image" / "origin" / "zzz.jpg")
+    lst.write_text("aaa.jpg 0 8 8 40 40 0.9 1\n" + lst.read_text() + "good.jpg 3 20 20 50 50 0.9 4\nzzz.jpg 0 8 8 40 40 0.9 5\n")
+    write_image(data / "generic" / "a0.png")
+    table = data / "generic" / "t.csv"
+    header, *rest = table.read_text().splitlines()
+    write_text(table, "\n".join([header, "a0.png,Anger,0.1,0.1", *rest]) + "\n")
+    aw = data / "affwild2"
+    write_video(aw / "videos" / "vid0.avi", [BRIGHT] * 4)
+    write_text(aw / "EXPR_Classification_Challenge" / "Train_Set" / "vid0.txt", EXPR_HEADER + "\n1\n2\n3\n4\n")
+    after = run_pipeline(sources, tmp_path / "b", samples_per_shard=3, seed=5)
+    new_labels = read_table(tmp_path / "b" / "shards" / "labels.parquet", LABELS)
+    assert new_labels.height > old_labels.height and after.height > before.height
+    cols = ["key", "split", "source", "video", "frame", "expression", "valence", "arousal"]
+    kept = old_labels.select(cols).join(new_labels.select(cols), on=cols, how="anti", nulls_equal=True)
+    assert kept.height == 0, f"keys or labels changed: {kept['key'].to_list()[:5]}"
+    new_crops = crops(tmp_path / "b")
+    assert all(new_crops[k] == v for k, v in old_crops.items())
+    # the accounting of the old rows is unchanged too (fates and keys)
+    acc_cols = ["source", "split", "video", "frame", "status", "reason", "key"]
+    assert before.select(acc_cols).join(after.select(acc_cols), on=acc_cols, how="anti", nulls_equal=True).height == 0

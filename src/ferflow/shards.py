@@ -1,11 +1,22 @@
 """Stage ``write_shards``: manifests + face crops -> WebDataset shards, labels and accounting.
 
-Every manifest row ends in exactly one place: written to a shard, or dropped with a reason. The
-totals are checked before anything is written, and a summary table is printed.
+Every manifest row ends in exactly one place: written to a shard, or dropped with a reason. A
+test video's WHOLE_VIDEO row (see ``schemas.WHOLE_VIDEO``) becomes one row per decoded frame of
+the video, written without labels or dropped as ``no_face`` (one row, ``unreadable_video`` or
+``no_video``, when the video gave no frame). The totals are checked (:func:`check_accounting`)
+before anything is written and the shards are counted after: the stage fails when they do not add
+up. A summary table is printed.
+
+The invariant, per source and split: accounting rows == annotated manifest rows (one per annotated
+frame or face) + the decoded frames of each test video (1 for a test video without frames);
+written + dropped == accounting rows; written == labels.parquet rows == shard members. Test frames
+are not annotated frames: the summary counts them in their own ``test`` split.
 
 Shards: ``<out>/<split>/shard-{i:05d}.tar``, samples shuffled across videos and sources with a
 seed, ``samples_per_shard`` per shard (the last one smaller), members ``<key>.jpg`` only.
-Labels: ``<out>/labels.parquet`` (schema LABELS), the single source of truth for labels.
+Labels: ``<out>/labels.parquet`` (schema LABELS), the single source of truth for labels. Keys
+``{split}/{source}/{video}/{frame:06d}`` depend only on the sample itself, never on what else is in
+the sources: adding data keeps every existing key.
 
     python -m ferflow.shards --manifest results/manifest/*.parquet --faces results/faces/*/*.parquet \
         --out results/shards --accounting results/accounting.parquet --samples-per-shard 1000 --seed 0
@@ -22,7 +33,12 @@ from pathlib import Path
 import polars as pl
 
 from .atomic import atomic_dir, write_text
-from .schemas import ACCOUNTING, FACES, LABELS, MANIFEST, read_table, write_table
+from .schemas import ACCOUNTING, DROP_REASONS, FACES, LABELS, MANIFEST, WHOLE_VIDEO, read_table, write_table
+
+
+class AccountingError(AssertionError):
+    """The accounting does not add up (a bug or inconsistent inputs); nothing is written."""
+
 
 FACE_STATUS_REASON = {"missing": "no_face", "unreadable": "unreadable_image", "bad_box": "bad_box"}
 
@@ -49,11 +65,32 @@ def load_faces(paths: list[str]) -> pl.DataFrame:
         frames.append(t)
     if not frames:
         return pl.DataFrame(schema={**FACES, "source": pl.String, "unit": pl.String, "tar": pl.String})
-    return pl.concat(frames)
+    faces = pl.concat(frames)
+    dup = faces.filter(pl.struct("source", "video", "frame").is_duplicated())
+    if dup.height:
+        r = dup.row(0, named=True)
+        raise AccountingError(f"faces tables: {dup.height} rows repeat a (source, video, frame), e.g. "
+                              f"{r['source']}/{r['video']} frame {r['frame']} in {r['unit']}.parquet")
+    return faces
+
+
+def expand_whole_videos(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
+    """Replace each usable WHOLE_VIDEO row by one row per frame its video's faces table lists
+    (every decoded frame); a WHOLE_VIDEO row without any such frame stays as it is."""
+    whole = (pl.col("frame") == WHOLE_VIDEO) & pl.col("drop").is_null()
+    placeholders = manifest.filter(whole)
+    if not placeholders.height:
+        return manifest
+    frames = faces.select("source", "video", pl.col("frame").alias("_frame"))
+    expanded = (placeholders.join(frames, on=["source", "video"], how="inner")
+                .with_columns(frame=pl.col("_frame")).select(list(MANIFEST)).sort("source", "video", "frame"))
+    kept = placeholders.join(frames.select("source", "video").unique(), on=["source", "video"], how="anti")
+    return pl.concat([manifest.filter(~whole), expanded, kept])
 
 
 def account(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
     """Join manifest rows to their crops and give each row its fate (status, reason, key)."""
+    manifest = expand_whole_videos(manifest, faces)
     # decoded frame count per (source, unit); a unit with an empty table was not readable
     frames_per_unit = faces.group_by("source", "unit").agg(pl.col("n_frames").max())
     joined = (
@@ -61,9 +98,14 @@ def account(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
                       on=["source", "video", "frame"], how="left")
         .join(frames_per_unit, on=["source", "unit"], how="left")
     )
+    stale = joined.filter((pl.col("frame") == WHOLE_VIDEO) & pl.col("drop").is_null() & (pl.col("n_frames") > 0))
+    if stale.height:
+        r = stale.row(0, named=True)
+        raise AccountingError(f"faces of {r['source']}/{r['unit']}: {r['n_frames']} frames decoded but none for "
+                              f"test video {r['video']!r}: the faces table is older than the test list")
     reason = (
         pl.when(pl.col("drop").is_not_null()).then(pl.col("drop"))
-        .when(pl.col("n_frames").is_null()).then(pl.lit("unreadable_video"))
+        .when(pl.col("n_frames").is_null() | (pl.col("n_frames") == 0)).then(pl.lit("unreadable_video"))
         .when(pl.col("status").is_null() & (pl.col("frame") >= pl.col("n_frames"))).then(pl.lit("beyond_video_end"))
         .when(pl.col("status").is_null()).then(pl.lit("no_face"))
         .otherwise(pl.col("status").replace_strict(FACE_STATUS_REASON, default=None))
@@ -75,8 +117,42 @@ def account(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
                            pl.col("frame").cast(pl.String).str.zfill(6)], separator="/")),
     )
     if out.height != manifest.height:
-        raise AssertionError(f"accounting: {manifest.height} manifest rows became {out.height}")
+        raise AccountingError(f"accounting: {manifest.height} manifest rows became {out.height}")
     return out
+
+
+def expected_rows(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
+    """Accounting rows each (source, split) must have, counted from the inputs alone: one per
+    annotated manifest row, and per usable test video its frames in the faces tables (at least 1)."""
+    frames = faces.group_by("source", "video").agg(pl.len().alias("_n"))
+    per_row = (manifest.join(frames, on=["source", "video"], how="left")
+               .select("source", "split", n=pl.when((pl.col("frame") == WHOLE_VIDEO) & pl.col("drop").is_null())
+                       .then(pl.max_horizontal(pl.col("_n").fill_null(1), 1)).otherwise(1)))
+    return per_row.group_by("source", "split").agg(pl.col("n").sum().cast(pl.Int64))
+
+
+def check_accounting(manifest: pl.DataFrame, faces: pl.DataFrame, rows: pl.DataFrame) -> None:
+    """Raise :class:`AccountingError` unless every row has exactly one fate and, per (source,
+    split), the accounting has as many rows as the manifest (with test videos expanded)."""
+    problems = []
+    want = expected_rows(manifest, faces)
+    got = rows.group_by("source", "split").agg(pl.len().cast(pl.Int64).alias("got"))
+    cmp = want.join(got, on=["source", "split"], how="full", coalesce=True).fill_null(0)
+    for r in cmp.filter(pl.col("n") != pl.col("got")).sort("source", "split").iter_rows(named=True):
+        problems.append(f"{r['source']}/{r['split']}: {r['n']} manifest rows, {r['got']} accounting rows")
+    written = pl.col("status") == "written"
+    bad = rows.filter(~((written & pl.col("reason").is_null() & pl.col("key").is_not_null())
+                        | ((pl.col("status") == "dropped") & pl.col("reason").is_in(list(DROP_REASONS))
+                           & pl.col("key").is_null())))
+    if bad.height:
+        r = bad.row(0, named=True)
+        problems.append(f"{bad.height} rows without exactly one fate, e.g. {r['source']}/{r['video']} frame "
+                        f"{r['frame']}: status {r['status']!r}, reason {r['reason']!r}")
+    keys = rows.filter(written)["key"]
+    if not keys.is_unique().all():
+        problems.append(f"{keys.len() - keys.n_unique()} repeated sample keys")
+    if problems:
+        raise AccountingError("accounting does not add up: " + "; ".join(problems))
 
 
 def duplicates(manifest: pl.DataFrame) -> pl.DataFrame:
@@ -92,7 +168,9 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
     manifest = duplicates(manifest)
     faces = load_faces(faces_tables)
     rows = account(manifest, faces)
+    check_accounting(manifest, faces, rows)
     written = rows.filter(pl.col("status") == "written")
+    n_members = 0
     # shuffle across videos and sources, deterministically, per split
     labels = []
     with atomic_dir(out_dir) as tmp:
@@ -119,11 +197,15 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
                             new = tarfile.TarInfo(f"{key}.jpg")
                             new.size, new.mtime, new.mode = len(data), 0, 0o644
                             out.addfile(new, io.BytesIO(data))
+                            n_members += 1
                 labels.append(part)
         finally:
             for t in tars.values():
                 t.close()
         label_table = pl.concat(labels) if labels else pl.DataFrame(schema=LABELS)
+        if not (n_members == label_table.height == written.height):
+            raise AccountingError(f"{written.height} samples to write, {n_members} written to shards, "
+                                  f"{label_table.height} in labels.parquet")
         write_table(label_table, Path(tmp) / "labels.parquet", LABELS)
     write_table(rows, accounting_path, ACCOUNTING)
     return rows
@@ -150,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", help="also write the printed accounting table to this text file")
     args = parser.parse_args(argv)
-    rows = write_shards(args.manifest, args.faces, args.out, args.accounting, args.samples_per_shard, args.seed)
+    try:
+        rows = write_shards(args.manifest, args.faces, args.out, args.accounting, args.samples_per_shard, args.seed)
+    except AccountingError as exc:
+        print(f"write_shards: {exc}", file=sys.stderr)
+        return 1
     with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         text = ("accounting: every annotated frame or image, written to a shard or dropped with a reason\n"
+                "(split test: every decoded frame of the test videos, which have no labels)\n"
                 f"{accounting_summary(rows)}\n")
     print(text)
     if args.summary:
