@@ -11,6 +11,12 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Jobs run the package in this workflow (the code that code_version() hashes), whether or not
+# ferflow is installed where they run: the --sdm conda environment holds only its dependencies.
+_SRC_ROOT = str(Path(workflow.basedir) / "src")
+_PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+if _PYTHONPATH[:1] != [_SRC_ROOT]:
+    os.environ.update(PYTHONPATH=os.pathsep.join([_SRC_ROOT, *_PYTHONPATH]))
 from ferflow import layout  # noqa: E402  (listing only; no stage code runs at parse time)
 
 RESULTS = config["results"].rstrip("/")
