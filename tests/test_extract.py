@@ -428,3 +428,30 @@ def test_a_jump_is_detected_again_not_interpolated(tmp_path, haar):
     status = dict(zip(table["frame"], table["status"]))
     assert all(status[f] == "detected" for f in range(36, 40))  # around the jump: every frame detected
     assert sum(s == "interpolated" for s in status.values()) >= 0.6 * n
+
+
+def _row(x0, y0, side, score=0.9):
+    return np.r_[[x0, y0, x0 + side, y0 + side], score, np.full(10, np.nan)].astype(np.float32)
+
+
+def test_choose_track_prefers_missing_frames_to_another_person():
+    # the main face (side 100) is away for 60 frames (longer than the link gap) in the middle; a
+    # small face (side 30) is there all along; a one-frame false detection appears while it is away
+    dets = {}
+    for f in range(0, 200, 5):
+        rows = [_row(300, 40, 30)]
+        if not 60 <= f < 120:
+            rows.append(_row(100 + f * 0.2, 100, 100))
+        if f == 90:
+            rows.append(_row(500, 300, 120))
+        dets[f] = np.stack(rows)
+    chosen = faces.choose_track(dets, "", 640, max_gap=30)
+    assert sorted(chosen) == [f for f in range(0, 200, 5) if not 60 <= f < 120]
+    assert all(row[2] - row[0] == 100 for row, _ in chosen.values())
+    assert len({track for _, track in chosen.values()}) == 2  # two tracks of the main face, nothing between
+
+
+def test_choose_track_takes_the_larger_face_that_starts_a_little_later():
+    dets = {f: np.stack([_row(300, 40, 30)] + ([_row(100, 100, 100)] if f >= 3 else [])) for f in range(100)}
+    chosen = faces.choose_track(dets, "", 640, max_gap=30)
+    assert sorted(chosen) == list(range(3, 100))  # frames 0-2: no box rather than the small face

@@ -54,20 +54,6 @@ def on_side(dets: np.ndarray, person: str, frame_width: int) -> np.ndarray:
     return dets[cx < frame_width / 2] if person == "left" else dets[cx >= frame_width / 2]
 
 
-def choose_face(dets: np.ndarray, person: str, frame_width: int, previous: np.ndarray | None,
-                min_iou: float = 0.3) -> np.ndarray | None:
-    """One frame's choice: the face overlapping ``previous``, else the largest (side-filtered)."""
-    dets = on_side(dets, person, frame_width)
-    if len(dets) == 0:
-        return None
-    if previous is not None:
-        overlaps = iou(dets, previous)
-        if overlaps.max() >= min_iou:
-            return dets[int(overlaps.argmax())]
-    area = (dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1])
-    return dets[int(area.argmax())]
-
-
 @dataclass
 class Track:
     frames: list[int] = field(default_factory=list)
