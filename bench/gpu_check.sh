@@ -109,3 +109,7 @@ EOF
 else
   echo "part 2 skipped: webdataset/polars not importable (carry them as wheels to run ferflow.train end to end)"
 fi
+
+# Part 3: batched RetinaFace detection on the GPU at batch sizes 1, 16 and 64 (frames/s).
+# Needs retinaface-pytorch (`pip install --no-deps retinaface-pytorch==0.0.8`).
+timeout 90 "$PY" bench/gpu_detect.py || echo "part 3 failed or timed out (exit $?)"
