@@ -137,6 +137,12 @@ def index_inputs(wildcards):
     return [src["root"]]
 
 
+def index_is_light():
+    """Indexing reads only annotation files (seconds) unless a source takes its face boxes from the
+    images themselves (image headers, e.g. 300k AffectNet crops): then it runs as a cluster job."""
+    return all(s["kind"] in {"affwild2", "affectnet", "expw"} for s in SOURCES.values())
+
+
 def video_path(wildcards):
     return units(wildcards.source)[wildcards.unit].video_path
 

@@ -1,7 +1,7 @@
 # One manifest per source: every annotated frame/image, labels mapped to the ABAW space.
 rule index_source:
-    # reads annotation text files (seconds): run by Snakemake itself, never submitted to a cluster
-    localrule: True
+    # seconds of reading annotation files: run by Snakemake itself, not submitted to a cluster
+    localrule: index_is_light()
     input:
         index_inputs,
     output:
