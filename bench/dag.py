@@ -1,0 +1,122 @@
+"""How long `snakemake -n` takes on an Aff-Wild2-sized dataset, against an empty workflow.
+
+Generates, in a temporary folder, the ABAW3 layout of Aff-Wild2 with ``--videos`` videos (empty
+video files; annotation files holding only their header line: a dry run reads no contents), about
+3% of them with two annotated people (``_left``/``_right``), 80% in Train_Set and 20% in
+Validation_Set, EXPR annotations for about 55% of the videos and VA for about 75%. The config is
+config.yaml with the demo off, that one source, and ``--variants`` training variants. Then it times,
+alternating, ``snakemake -n`` of ferflow on it (parse, schema validation, listing the layout, input
+functions, the DAG of every job, per-stage code hashes) and of a Snakefile with one empty rule (the
+fixed cost of starting Snakemake), and prints the median of each over ``--repeats`` runs and their
+ratio.
+
+Goal (issue 7): the full dry run under 20 s on the 2-core development machine.
+
+    python bench/dag.py                        # 560 videos, 6 variants, 3 repeats
+    python bench/dag.py --videos 100 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\n"
+VA_HEADER = "valence,arousal\n"
+
+
+def make_layout(root: Path, n_videos: int) -> int:
+    """Write the Aff-Wild2 layout under root; returns the number of annotation files."""
+    videos = root / "videos"
+    videos.mkdir(parents=True)
+    n_files = 0
+    for i in range(n_videos):
+        stem = f"{i:03d}-30-{'1280x720' if i % 3 else '640x360'}"
+        (videos / f"{stem}{'.avi' if i % 7 == 0 else '.mp4'}").touch()
+        split = "Validation_Set" if i % 5 == 0 else "Train_Set"
+        people = [f"{stem}_left", f"{stem}_right"] if i % 33 == 0 else [stem]
+        tasks = []
+        if i % 20 < 11:
+            tasks.append(("EXPR_Classification_Challenge", EXPR_HEADER))
+        if i % 4 != 3 or not tasks:
+            tasks.append(("VA_Estimation_Challenge", VA_HEADER))
+        for task_dir, header in tasks:
+            d = root / task_dir / split
+            d.mkdir(parents=True, exist_ok=True)
+            for name in people:
+                (d / f"{name}.txt").write_text(header)
+                n_files += 1
+    return n_files
+
+
+def write_config(work: Path, data: Path, n_variants: int) -> Path:
+    config = {
+        "demo": {"enabled": False},
+        "sources": [{"name": "affwild2", "kind": "affwild2", "root": str(data),
+                     "splits": {"Train_Set": "train", "Validation_Set": "validation"}, "tasks": ["expr", "va"]}],
+        "variants": [{"name": f"v{i}", "seed": i} for i in range(1, n_variants + 1)],
+    }
+    path = work / "bench.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def dry_run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--videos", type=int, default=560)
+    p.add_argument("--variants", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ferflow-dag-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "affwild2"
+        n_files = make_layout(data, args.videos)
+        work = tmp / "work"
+        work.mkdir()
+        config = write_config(work, data, args.variants)
+        empty = tmp / "empty"
+        empty.mkdir()
+        (empty / "Snakefile").write_text("rule all:\n    input: [],\n")
+
+        full_cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+                    "--configfile", str(REPO / "config.yaml"), str(config), "--cores", "1"]
+        empty_cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(empty / "Snakefile"), "--cores", "1"]
+        print(f"layout: {args.videos} videos, {n_files} annotation files, {args.variants} variants")
+        full, base = [], []
+        jobs = None
+        for r in range(args.repeats):
+            seconds, out = dry_run(full_cmd, work)
+            full.append(seconds)
+            m = re.search(r"^total\s+(\d+)$", out, re.MULTILINE)
+            jobs = int(m.group(1)) if m else None
+            base.append(dry_run(empty_cmd, empty)[0])
+            print(f"  run {r + 1}: ferflow {full[-1]:.2f} s, empty workflow {base[-1]:.2f} s")
+        f, b = statistics.median(full), statistics.median(base)
+        print(f"snakemake -n, median of {args.repeats}: ferflow {f:.2f} s ({jobs} jobs), empty workflow {b:.2f} s, "
+              f"ratio {f / b:.1f}x; goal < 20 s: {'met' if f < 20 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
