@@ -258,3 +258,152 @@ def test_missing_split_is_a_clear_error(shards):
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="blur"):
         data.build_transform(32, ["flip", "blur"])
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation, decoding, class balance, worker slots
+
+
+def _jpeg(img_rgb: np.ndarray, quality: int = 95) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img_rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+class _Mid:
+    """A generator stand-in: uniform draws at the middle of their range, no flip/apply."""
+
+    def uniform(self, a, b):
+        return (a + b) / 2
+
+    def random(self):
+        return 0.99
+
+    def randint(self, a, b):
+        return (a + b) // 2
+
+    def shuffle(self, x):
+        pass
+
+
+def test_colour_matrix_identity_grey_axis_and_ranges():
+    m = data.colour_matrix(_Mid(), mean_grey=100.0)
+    assert np.allclose(m, np.hstack([np.eye(3), np.zeros((3, 1))]), atol=1e-9)
+    import random as _random
+
+    grey = np.array([80.0, 80.0, 80.0])
+    for seed in range(50):
+        m = data.colour_matrix(_random.Random(seed), mean_grey=80.0)
+        out = m[:, :3] @ grey + m[:, 3]
+        assert np.ptp(out) < 1e-6          # grey stays grey: saturation and hue leave the grey axis alone
+        assert 0.49 * 80 <= out[0] <= 1.69 * 80 + 1e-6   # brightness x contrast in [0.7, 1.3]^2 about the mean
+
+
+def test_augment_is_deterministic_and_each_step_acts():
+    import random as _random
+
+    rng = np.random.default_rng(0)
+    img = synthetic_image(3, 0.5, -0.5, 64, rng)
+    jpg = _jpeg(img)
+    plain = data.build_transform(64)(jpg)
+    assert plain.shape == (64, 64, 3) and plain.dtype == np.uint8
+    err = np.abs(plain.astype(int) - img).mean()               # RGB order, decoded faithfully
+    assert err < 8 and err < np.abs(plain.astype(int) - img[:, :, ::-1]).mean() / 4
+    for aug in data.AUGMENTATIONS:
+        t = data.build_transform(64, [aug])
+        outs = [t(jpg, _random.Random(s)) for s in range(12)]
+        assert np.array_equal(outs[0], t(jpg, _random.Random(0)))  # same generator, same image
+        assert any(not np.array_equal(o, plain) for o in outs), aug
+    # flip is the mirror image; crop shifts with a black border
+    flipped = next(o for o in (data.build_transform(64, ["flip"])(jpg, _random.Random(s)) for s in range(20))
+                   if not np.array_equal(o, plain))
+    assert np.array_equal(flipped, plain[:, ::-1])
+    shifted = data.build_transform(64, ["crop"])(jpg, _random.Random(1))
+    dark = (shifted.max(axis=2) == 0)
+    assert dark[:, 0].all() or dark[:, -1].all() or dark[0].all() or dark[-1].all() or np.array_equal(shifted, plain)
+
+
+def test_decode_reduces_large_jpegs_and_reads_headers():
+    big = np.full((200, 120, 3), 128, np.uint8)
+    jpg = _jpeg(big)
+    assert data.jpeg_size(jpg) == (120, 200)
+    assert data.jpeg_size(b"not a jpeg") is None
+    assert data.decode_bgr(jpg, at_least=30).shape == (50, 30, 3)   # 1/4 scale: still >= 30 px
+    assert data.decode_bgr(jpg, at_least=48).shape == (100, 60, 3)
+    assert data.build_transform(32)(jpg).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match="not a decodable image"):
+        data.decode_bgr(b"\xff\xd8garbage")
+
+
+def test_class_balance_weights():
+    expr = np.array([0, 0, 0, 1, -1, 4, 4, 0])
+    w = data.class_balance_weights(expr)
+    labelled = expr >= 0
+    totals = {c: w[expr == c].sum() for c in (0, 1, 4)}
+    assert totals[0] == pytest.approx(totals[1]) == pytest.approx(totals[4])
+    assert w[labelled].mean() == pytest.approx(1.0) and w[expr == -1].tolist() == [1.0]
+    keep = np.array([True, False, False, True, True, True, True, True])
+    wk = data.class_balance_weights(expr, keep)   # frequencies over the kept samples
+    kept_totals = [wk[keep & (expr == c)].sum() for c in (0, 1, 4)]
+    assert kept_totals == pytest.approx([kept_totals[0]] * 3)
+
+
+def test_loader_class_balance_weights_in_batches(tmp_path):
+    root = tmp_path / "imbalanced"
+    labels = write_synthetic_shards(root, {"train": 48}, missing=True)
+    loader, stream = data.make_loader(root, "train", batch_size=8, input_size=32, train=True,
+                                      bootstrap=False, class_balance=True)
+    batches = collect(loader)
+    expr = torch.cat([b["expr"] for b in batches]).numpy()
+    weight = torch.cat([b["weight"] for b in batches]).numpy()
+    sums = [weight[expr == c].sum() for c in np.unique(expr[expr >= 0])]
+    assert np.allclose(sums, sums[0]) and np.all(weight[expr < 0] == 1)
+    plain, _ = data.make_loader(root, "train", batch_size=8, input_size=32, train=True, bootstrap=False)
+    assert all(torch.equal(b["weight"], torch.ones(len(b["key"]))) for b in collect(plain))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_worker_batches_equal_in_process_batches_and_stay_valid(shards):
+    """Batches made in workers' shared slots are copied out: each kept batch holds its own images,
+    the same as without workers (augmentation depends on seed, epoch, key and repeat only)."""
+    kw = dict(batch_size=4, input_size=32, train=True, augment=["flip", "crop", "color", "affine", "erase"],
+              seed=9, bootstrap=True)
+
+    def by_key(workers):
+        loader, _ = data.make_loader(shards, "train", workers=workers, **kw)
+        out = {}
+        for b in collect(loader):       # all kept: slots are reused many times over meanwhile
+            assert b["image"].dtype == torch.uint8 and b["image"].is_contiguous(memory_format=torch.channels_last)
+            for k, img, w in zip(b["key"], b["image"], b["weight"]):
+                out.setdefault(k, []).append(img.clone())
+        return out
+
+    zero, two = by_key(0), by_key(2)
+    assert zero.keys() == two.keys()
+    for k in zero:   # repeats of a key (bootstrap) may come in another order: compare as sets
+        assert sorted(x.sum().item() for x in zero[k]) == sorted(x.sum().item() for x in two[k])
+
+
+def test_tar_reader_long_names_and_corruption(tmp_path):
+    long_key = "train/src/" + "d" * 150 + "/000001"
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        path = tmp_path / f"t{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, payload in ((f"{long_key}.jpg" if fmt != tarfile.USTAR_FORMAT else "short/000001.jpg", b"abc"),
+                                  ("a/000002.jpg", b"")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        got = list(data.read_tar(str(path)))
+        assert [d for _, d in got] == [b"abc", b""]
+        assert got[0][0] == (f"{long_key}.jpg" if fmt != tarfile.USTAR_FORMAT else "short/000001.jpg")
+    raw = bytearray((tmp_path / f"t{tarfile.PAX_FORMAT}.tar").read_bytes())
+    for where, message in ((100, "corrupt tar header"), (600, "corrupt PAX header")):
+        bad = bytearray(raw)
+        bad[where] ^= 0xFF
+        (tmp_path / "bad.tar").write_bytes(bytes(bad))
+        with pytest.raises(data.ShardError, match=f"bad.tar: {message}"):
+            list(data.read_tar(str(tmp_path / "bad.tar")))
+    (tmp_path / "cut.tar").write_bytes(bytes(raw[:700]))
+    with pytest.raises(data.ShardError, match="cut.tar: truncated"):
+        list(data.read_tar(str(tmp_path / "cut.tar")))
