@@ -12,7 +12,7 @@ rule train_variant:
         code=code_version("train"),
     log:
         "logs/train_variant/{variant}.log",
-    threads: workflow.cores if workflow.cores < 4 else 4
+    threads: 4  # capped at --cores by Snakemake
     resources:
         mem_mb=16000,
         runtime=24 * 60,
@@ -34,7 +34,7 @@ rule predict_variant:
         code=code_version("predict"),
     log:
         "logs/predict_variant/{variant}/{split}.log",
-    threads: workflow.cores if workflow.cores < 4 else 4
+    threads: 4  # capped at --cores by Snakemake
     resources:
         mem_mb=8000,
         runtime=6 * 60,
