@@ -314,3 +314,42 @@ def test_test_list_becomes_test_split_placeholders(affwild2_with_tests):
     assert df.filter(pl.col("split") != "test").height == 3
     with pytest.raises(ValueError, match="test_list is for affwild2"):
         index.index_source({"name": "e", "kind": "expw", "root": str(root), "test_list": str(tests)})
+
+
+# ---- the workflow wiring of the new kinds and of test lists ---------------------------------------
+def test_workflow_dry_run_wires_new_kinds_and_extracts_test_videos(affwild2_with_tests, affectnet_npy, aihub, tmp_path):
+    """config schema + common.smk: the new kinds validate, their index inputs exist, and a video
+    named only in the test list gets its own extraction job."""
+    import yaml
+
+    from workflow_helpers import CONFIG, TINY, snakemake
+
+    root, tests = affwild2_with_tests
+    image(tmp_path / "g" / "a.jpg")
+    write(tmp_path / "g" / "t.csv", "path,expression\na.jpg,Anger\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({
+        "demo": {"enabled": False},
+        "extract": {"detector": "haar"},
+        "sources": [
+            {"name": "aw", "kind": "affwild2", "root": str(root), "test_list": str(tests)},
+            {"name": "an8", "kind": "affectnet_npy", "root": str(affectnet_npy),
+             "splits": {"train_set": "train", "val_set": None}, "chunks": 2},
+            {"name": "ai", "kind": "aihub", "root": str(aihub), "splits": {"Training": "train"}, "vote": "unanimous",
+             "label_map": {"분노": "Anger", "기쁨": "Happiness"}},
+            {"name": "gen", "kind": "generic", "root": str(tmp_path / "g" / "t.csv"), "split": "validation"},
+        ]}, allow_unicode=True))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = snakemake(work, "-n", "--printshellcmds", configs=(CONFIG, TINY, extra))
+    out = proc.stdout + proc.stderr
+    videos = root / "videos"
+    assert f"--video {videos / 'test1.mp4'}" in out        # only in the test list: extracted too
+    assert "--person pair_right=right" in out and "--person pair_left=left" in out
+    assert "--person ghost" not in out                    # no video file: no job (counted as no_video)
+    for source in ("an8", "ai", "gen"):
+        assert f"results/manifest/{source}.parquet" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"sources": [{"name": "ai", "kind": "aihub", "root": str(aihub), "vote": "most"}]}))
+    proc = snakemake(work, "-n", configs=(CONFIG, TINY, extra, bad), check=False)
+    assert proc.returncode != 0 and "most" in proc.stdout + proc.stderr
