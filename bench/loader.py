@@ -82,7 +82,8 @@ def make_data(root: Path, n: int, per_shard: int, seed: int = 0) -> list[bytes]:
                 key = f"train/bench/v{i % 50:02d}/{i:06d}"
                 sink.write({"__key__": key, "jpg": jpegs[i]})
                 rows.append({"key": key, "split": "train", "source": "bench", "video": f"v{i % 50:02d}", "frame": i,
-                             "expression": i % 8, "valence": 0.0, "arousal": 0.0, "shard": shard})
+                             "expression": i % 8, "valence": 0.0, "arousal": 0.0, "shard": shard,
+                             "still": False})
     schemas.write_table(pl.DataFrame(rows), root / "shards" / "labels.parquet", schemas.LABELS)
     for i, jpg in enumerate(jpegs):
         d = root / "folder" / f"class{i % 8}"

@@ -210,6 +210,9 @@ def test_every_drop_reason_is_counted_end_to_end(tmp_path):
         *[("test1", i, "dropped" if i == 2 else "written") for i in range(6)],
         *[("vidB_right", i, "dropped" if i < 2 else "written") for i in range(5)]]
     assert test["expression"].null_count() == test.height and test["valence"].null_count() == test.height
+    still = dict(zip(labels["key"], labels["still"]))
+    assert still["train/expw/good.jpg/000000"] and still["validation/an8/val_set/images/7.jpg/000000"]
+    assert not still["train/aw/vidA/000000"] and not still["test/aw/test1/000000"]
     assert "test/aw/test1/000003" in labels["key"].to_list() and "test/aw/test1/000002" not in labels["key"].to_list()
     # the summary adds up per source and split
     summary = shards.accounting_summary(rows)

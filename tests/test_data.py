@@ -80,7 +80,7 @@ def write_synthetic_shards(
                     sink.write({"__key__": key, "jpg": jpg.tobytes()})
                     rows.append({"key": key, "split": split_, "source": "synth", "video": video,
                                  "frame": frame, "expression": expr, "valence": va[0], "arousal": va[1],
-                                 "shard": shard})
+                                 "shard": shard, "still": False})
     labels = pl.DataFrame(rows, schema_overrides={"expression": pl.Int8, "valence": pl.Float32,
                                                   "arousal": pl.Float32})
     schemas.write_table(labels, root / "labels.parquet", schemas.LABELS)
@@ -216,6 +216,9 @@ def test_frame_step_mask_ranks_frames_not_values():
     labels = pl.DataFrame({"split": ["train"] * 5, "source": ["s"] * 5, "video": ["a", "a", "a", "b", "b"],
                            "frame": [10, 2, 7, 5, 9]})
     assert data.frame_step_mask(labels, 2).tolist() == [True, True, False, True, False]
+    # faces of still images (image sources) are never subsampled
+    still = labels.with_columns(still=pl.Series([False, False, False, True, True]))
+    assert data.frame_step_mask(still, 2).tolist() == [True, True, False, True, True]
 
 
 def _write_tar(path: Path, members: dict[str, bytes]) -> None:

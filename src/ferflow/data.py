@@ -141,7 +141,8 @@ def read_labels(shard_dir: str | Path) -> pl.DataFrame:
 
 
 def frame_step_mask(labels: pl.DataFrame, frame_step: int) -> np.ndarray:
-    """Keep every ``frame_step``-th frame of each video (in frame order, starting with the first)."""
+    """Keep every ``frame_step``-th frame of each video (in frame order, starting with the first);
+    faces of still images (``still``, image sources) are all kept."""
     if frame_step <= 1:
         return np.ones(labels.height, dtype=bool)
     rank = (
@@ -152,7 +153,10 @@ def frame_step_mask(labels: pl.DataFrame, frame_step: int) -> np.ndarray:
         .sort("_row")["_rank"]
         .to_numpy()
     )
-    return (rank - 1) % frame_step == 0
+    keep = (rank - 1) % frame_step == 0
+    if "still" in labels.columns:
+        keep |= labels["still"].fill_null(False).to_numpy()
+    return keep
 
 
 def label_index(labels: pl.DataFrame, split: str, frame_step: int = 1) -> LabelIndex:

@@ -82,6 +82,7 @@ LABELS: Schema = {
     "valence": pl.Float32,
     "arousal": pl.Float32,
     "shard": pl.String,  # shard path relative to the shard directory
+    "still": pl.Boolean,  # a face of a still image (image sources): never subsampled by frame_step
 }
 
 #: One row per manifest row: where it ended, with its labels (the evaluation's ground truth). A

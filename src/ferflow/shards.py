@@ -111,6 +111,8 @@ def account(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
         .otherwise(pl.col("status").replace_strict(FACE_STATUS_REASON, default=None))
     )
     out = joined.with_columns(reason=reason).with_columns(
+        # image sources give a box for every face they write; video frames never have one
+        still=pl.col("box_x0").is_not_null(),
         status=pl.when(pl.col("reason").is_null()).then(pl.lit("written")).otherwise(pl.lit("dropped")),
         key=pl.when(pl.col("reason").is_null()).then(
             pl.concat_str([pl.col("split"), pl.col("source"), pl.col("video"),
@@ -240,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200, tbl_hide_dataframe_shape=True,
                    tbl_hide_column_data_types=True):
         text = ("accounting: every annotated frame or image, written to a shard or dropped with a reason\n"
-                "(split test: every decoded frame of the test videos, which have no labels)\n"
-                f"{accounting_summary(rows)}\n")
+                + ("(split test: every decoded frame of the test videos, which have no labels)\n"
+                   if (rows["split"] == "test").any() else "")
+                + f"{accounting_summary(rows)}\n")
     print(text)
     if args.summary:
         write_text(args.summary, text)
