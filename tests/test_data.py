@@ -117,9 +117,12 @@ def test_bootstrap_count_is_poisson_and_deterministic():
     assert not np.array_equal(counts, other)
 
 
-def test_eval_loader_reads_every_sample_with_labels(shards):
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_loader_reads_every_sample_with_labels(shards, workers):
     labels = data.read_labels(shards)
-    loader, stream = data.make_loader(shards, "validation", batch_size=8, input_size=32, train=False)
+    loader, stream = data.make_loader(shards, "validation", batch_size=8, input_size=32, train=False,
+                                      workers=workers)
     batches = collect(loader)
     keys = keys_of(batches)
     val = labels.filter(pl.col("split") == "validation")

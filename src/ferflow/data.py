@@ -3,7 +3,7 @@
 One pipeline per variant and split (``<shard_dir>/<split>/shard-*.tar``). Each loader worker reads
 its own share of the shards and runs, in order::
 
-    tar members (names checked) -> samples grouped by key (webdataset) -> labels from labels.parquet
+    tar members (names checked) -> samples grouped by key (as webdataset) -> labels from labels.parquet
     -> frame_step filter -> bootstrap repeats -> shuffle buffer -> [resume skip] -> batches of
     JPEG bytes -> per sample: decode, resize, crop / flip / affine, colour, erase, written into
     the batch's uint8 (B, H, W, 3) buffer
@@ -48,7 +48,6 @@ import polars as pl
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
 
 from . import schemas
 from .labels import EXPR_UNANNOTATED, NUM_EXPRESSIONS
@@ -516,13 +515,26 @@ def read_tar(url: str) -> Iterator[tuple[str, bytes]]:
                 yield name, payload
 
 
-def _tar_members(sources: Iterable[dict]) -> Iterator[dict]:
-    """Members of each shard as {fname, data, __url__}, an empty dict after each shard."""
-    for src in sources:
-        url = src["url"]
-        for name, payload in read_tar(url):
-            yield {"fname": name, "data": payload, "__url__": url}
-        yield {}  # end of shard: webdataset's group_by_keys never joins samples across shards
+def shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard, as WebDataset groups them: consecutive members sharing a key
+    (the name up to the first dot of its base name) form ``{"__key__", "__url__", ext: bytes}``,
+    extensions lower-cased; members without an extension are skipped, a repeated one is an error."""
+    sample: dict | None = None
+    for name, payload in read_tar(url):
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        if dot <= slash:
+            continue
+        key, ext = name[:dot], name[dot + 1:].lower()
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        elif ext in sample:
+            raise ValueError(f"{url}: duplicate member {name!r}")
+        sample[ext] = payload
+    if sample is not None:
+        yield sample
 
 
 @dataclass
@@ -669,11 +681,9 @@ class ShardStream(IterableDataset):
         assert self.position is not None
         done = self.position.batches[logical]
         skip = done * self.batch_size
-        urls = [{"url": str(p)} for p in self.worker_shards(logical)]
+        urls = [str(p) for p in self.worker_shards(logical)]
         stages: list[Any] = [
-            lambda: iter(urls),
-            _tar_members,
-            group_by_keys,
+            lambda: (sample for url in urls for sample in shard_samples(url)),
             self._attach,
         ]
         if self.train:
@@ -713,6 +723,11 @@ class ShardStream(IterableDataset):
 
     def batches_per_worker(self) -> list[int]:
         return [math.ceil(n / self.batch_size) for n in self.samples_per_worker()]
+
+
+def _one_thread(worker_id: int) -> None:
+    """Loader workers run OpenCV single-threaded: the workers are the parallelism (as torch does)."""
+    cv2.setNumThreads(1)
 
 
 def _as_made(batch: dict) -> dict:
@@ -797,5 +812,5 @@ def make_loader(
         stream.position = DataPosition.from_state(position.state_dict())
     # pinning happens when the images are copied out of their slot (workers) or below (no workers)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory and workers == 0,
-                        collate_fn=_as_made, **kwargs)
+                        collate_fn=_as_made, worker_init_fn=_one_thread if workers else None, **kwargs)
     return Loader(loader, stream, pin_memory and workers > 0), stream
