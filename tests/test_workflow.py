@@ -81,7 +81,7 @@ def test_report_holds_metrics_and_plots(tiny_run):
     work, _ = tiny_run
     snakemake(work, "--report", "report.html")
     html = (work / "report.html").read_text(errors="replace")
-    for name in ("metrics.json", "confusion.png", "f1_per_class.png", "va_hist.png", "curves.png"):
+    for name in ("metrics.json", "summary.txt", "confusion.png", "f1_per_class.png", "va_hist.png", "curves.png"):
         assert name in html, name
     assert html.count("data:image/png;base64") + html.count("image/png") >= 4
 

@@ -8,7 +8,7 @@ rule evaluate_ensemble:
         accounting=f"{RESULTS}/accounting.parquet",
     output:
         metrics=report(f"{RESULTS}/evaluation/metrics.json", caption="../report/metrics.rst", category="Evaluation"),
-        summary=f"{RESULTS}/evaluation/summary.txt",
+        summary=report(f"{RESULTS}/evaluation/summary.txt", caption="../report/summary.rst", category="Evaluation"),
         confusion=report(f"{RESULTS}/evaluation/confusion.png", caption="../report/confusion.rst", category="Evaluation"),
         f1=report(f"{RESULTS}/evaluation/f1_per_class.png", caption="../report/f1.rst", category="Evaluation"),
         va=report(f"{RESULTS}/evaluation/va_hist.png", caption="../report/va.rst", category="Evaluation"),
