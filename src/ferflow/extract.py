@@ -283,10 +283,13 @@ def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, 
 def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
                   out_tar: str, out_table: str) -> pl.DataFrame:
     """Extract the faces of each annotated person (``{annotation name: side}``) of one video."""
+    problem = f"{video}: no frame decoded"
     try:
         plans, n_frames, _ = track_video(video, persons, settings, detector)
-    except VideoError:
-        plans, n_frames = {name: {} for name in persons}, 0
+    except VideoError as exc:
+        plans, n_frames, problem = {name: {} for name in persons}, 0, str(exc)
+    if n_frames == 0:  # an empty table: the shard stage counts the annotated frames as unreadable_video
+        print(f"{problem}; its annotated frames are counted as unreadable_video", file=sys.stderr)
     described = settings_json(detector_settings(detector), asdict(settings))
     rows = _rows()
     with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:

@@ -608,7 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = Path(args.source).read_text() if os.path.isfile(args.source) else args.source
     source = json.loads(text)
-    df = index_source(source)
+    try:
+        df = index_source(source)
+    except (AnnotationError, FileNotFoundError) as exc:  # bad input: its message names the file
+        print(f"index {source.get('name')}: {exc}", file=sys.stderr)
+        return 1
     write_table(df, args.out, MANIFEST)
     print(f"{source['name']}: {df.height} annotated rows -> {args.out}", file=sys.stderr)
     print(summary(df), file=sys.stderr)

@@ -191,10 +191,13 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
                         for key, member, tar_path in group.select("key", "member", "tar").iter_rows():
                             if tar_path not in tars:
                                 tars[tar_path] = tarfile.open(tar_path, "r")
-                                members[tar_path] = {m.name: m for m in tars[tar_path].getmembers()}
+                                members[tar_path] = {safe_member_name(m.name, tar_path): m
+                                                     for m in tars[tar_path].getmembers()}
                             info = members[tar_path].get(safe_member_name(member, tar_path))
                             if info is None:
                                 raise FileNotFoundError(f"{tar_path}: crop {member!r} listed in its table is missing")
+                            if not info.isfile():  # a link would be resolved inside the archive
+                                raise ValueError(f"{tar_path}: crop {member!r} is not a regular file")
                             data = tars[tar_path].extractfile(info).read()
                             new = tarfile.TarInfo(f"{key}.jpg")
                             new.size, new.mtime, new.mode = len(data), 0, 0o644
@@ -224,6 +227,13 @@ def accounting_summary(rows: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def nothing_written(rows: pl.DataFrame) -> list[tuple[str, str]]:
+    """("source", name) and ("split", name) of the sources and splits with rows but no written sample."""
+    written = rows.filter(pl.col("status") == "written")
+    return [(what, name) for what in ("source", "split")
+            for name in sorted(set(rows[what].to_list()) - set(written[what].to_list()))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferflow.shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", nargs="+", required=True)
@@ -244,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         text = ("accounting: every annotated frame or image, written to a shard or dropped with a reason\n"
                 + ("(split test: every decoded frame of the test videos, which have no labels)\n"
                    if (rows["split"] == "test").any() else "")
-                + f"{accounting_summary(rows)}\n")
+                + f"{accounting_summary(rows)}\n"
+                + "".join(f"warning: {what} {name!r}: no sample written (every row dropped, see the reasons above)\n"
+                          for what, name in nothing_written(rows)))
     print(text)
     if args.summary:
         write_text(args.summary, text)

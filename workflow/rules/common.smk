@@ -95,6 +95,45 @@ def demo_files():
     return [os.path.join(DEMO["root"], f) for f in demo_plan().files]
 
 
+def check_paths():
+    """Every path the config names must exist before any job starts (paths under the demo root
+    exist only once make_demo has run); the error names the config key and the path."""
+    problems = []
+
+    def need(where, path, kind):
+        if path is None or is_demo_path(path):
+            return
+        ok = os.path.isfile(path) if kind == "file" else os.path.isdir(path)
+        if not ok:
+            exists = "is not a " + ("file" if kind == "file" else "folder") if os.path.exists(path) else "does not exist"
+            problems.append(f"{where}: {path} {exists}")
+
+    for i, src in enumerate(config["sources"]):
+        where = f"sources[{i}] ({src['name']})"
+        need(f"{where}.root", src["root"], "file" if src["kind"] == "generic" else "dir")
+        if src["kind"] == "affwild2" and not src.get("videos"):
+            need(f"{where}.videos (default: <root>/videos)", os.path.join(src["root"], "videos"), "dir")
+        else:
+            need(f"{where}.videos", src.get("videos"), "dir")
+        need(f"{where}.test_list", src.get("test_list"), "file")
+        if src["kind"] == "affwild2" and os.path.isdir(src["root"]) and not is_demo_path(src["root"]):
+            task_dirs = [layout.AFFWILD2_TASK_DIRS[t] for t in src.get("tasks", ["expr", "va"])]
+            if not src.get("test_list") and not any(os.path.isdir(os.path.join(src["root"], d)) for d in task_dirs):
+                problems.append(f"{where}.root: {src['root']} holds none of {', '.join(d + '/' for d in task_dirs)}")
+    for where, settings in [("training", config.get("training", {}))] + [
+            (f"variants[{i}] ({v['name']})", v) for i, v in enumerate(config["variants"])]:
+        if settings.get("pretrained"):
+            need(f"{where}.pretrained.path", settings["pretrained"]["path"], "file")
+    weights = config["extract"].get("retinaface_weights")
+    if config["extract"]["detector"] == "retinaface" and weights and "://" not in weights:
+        need("extract.retinaface_weights", weights, "file")
+    if problems:
+        raise ValueError("config: paths that do not exist or are of the wrong kind:\n  " + "\n  ".join(problems))
+
+
+check_paths()
+
+
 # ---- sources and units ---------------------------------------------------------------------
 def video_units(name):
     """Aff-Wild2 units (video file + annotated people + test-list videos), from the demo plan or the disk."""
