@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "loss_weights": {"expr": 1.0, "va": 1.0, "affinity": 1.0, "partition": 1.0},
     "bootstrap": True,
     "frame_step": 1,
+    "class_balance": False,
     "augment": ["flip"],
     "workers": 0,
     "checkpoint_every": 0,
@@ -156,6 +157,7 @@ def train_loader(shards, split: str, settings: dict, index: data.LabelIndex, epo
         input_size=int(settings["input_size"]), train=True, augment=settings["augment"],
         seed=int(settings["seed"]), epoch=epoch, bootstrap=bool(settings["bootstrap"]),
         workers=int(settings["workers"]), position=position, index=index, pin_memory=pin_memory,
+        class_balance=bool(settings["class_balance"]),
     )
 
 
@@ -378,9 +380,10 @@ class Trainer:
         images = to_device(batch["image"], self.device)
         expr = batch["expr"].to(self.device, non_blocking=True)
         va = batch["va"].to(self.device, non_blocking=True)
+        weight = batch["weight"].to(self.device, non_blocking=True) if self.settings["class_balance"] else None
         with autocast(self.device):
             out = self.model(images)
-            loss, parts = self.criterion(out, expr, va)
+            loss, parts = self.criterion(out, expr, va, sample_weight=weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.settings["grad_clip"]:
