@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from ferflow.schemas import ACCOUNTING, LABELS, read_table
-from workflow_helpers import CONFIG, env, snakemake
+from workflow_helpers import CONFIG, TINY, env, snakemake
 
 STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate"]
 
@@ -91,3 +91,38 @@ def test_even_smoothing_window_is_a_config_error(tmp_path):
     bad.write_text("evaluation:\n  smoothing: 4\n")
     proc = snakemake(tmp_path, "-n", configs=(CONFIG, bad), check=False)
     assert proc.returncode != 0 and "smoothing" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_cropped_aligned_faces_replace_detection(tmp_path):
+    """With `cropped_aligned` set, Aff-Wild2's own 1-based NNNNN.jpg faces are used, no detection."""
+    import cv2
+    import numpy as np
+
+    from ferflow import demo
+
+    plan = demo.generate(tmp_path / "data", seed=0, size="tiny")
+    unit = next(u for u in plan.units if len(u.annotations) == 1)
+    name = unit.annotations[0].name
+    crops = tmp_path / "cropped_aligned" / name
+    crops.mkdir(parents=True)
+    for i in range(1, unit.n_frames + 1, 2):  # every other frame has a face file (1-based names)
+        cv2.imwrite(str(crops / f"{i:05d}.jpg"), np.full((112, 112, 3), i % 255, np.uint8))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""
+demo: {{enabled: false}}
+sources:
+  - name: aw
+    kind: affwild2
+    root: {tmp_path / 'data' / 'affwild2'}
+    cropped_aligned: {tmp_path / 'cropped_aligned'}
+extract: {{detector: retinaface, retinaface_weights: null}}  # no weights reachable here: detection would fail
+""")
+    snakemake(tmp_path, f"results/faces/aw/{unit.stem}.parquet", configs=(CONFIG, TINY, cfg))
+    faces = pl.read_parquet(tmp_path / "results" / "faces" / "aw" / f"{unit.stem}.parquet")
+    assert faces.height == unit.n_frames
+    # frame f is file f+1: files exist for odd numbers, i.e. even frames
+    got = dict(faces.select("frame", "status").iter_rows())
+    assert {f for f, s in got.items() if s == "missing"} == set(range(1, unit.n_frames, 2))
+    assert {s for f, s in got.items() if f % 2 == 0} == {"provided"}
+    assert set(faces.filter(pl.col("status") == "provided")["crop"]) == {"cropped_aligned"}

@@ -191,6 +191,12 @@ def person_args(wildcards):
     return " ".join(f"--person {shlex_quote(a.name + '=' + a.person)}" for a in unit.annotations)
 
 
+def extract_mode(wildcards):
+    """`video` (detect faces), or `cropped --root DIR` for Aff-Wild2's own cropped_aligned faces."""
+    cropped = SOURCES[wildcards.source].get("cropped_aligned")
+    return f"cropped --root {shlex_quote(cropped)}" if cropped else "video"
+
+
 def shlex_quote(text):
     import shlex
 

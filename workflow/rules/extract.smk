@@ -12,6 +12,7 @@ rule extract_video_faces:
     wildcard_constraints:
         source=_alternatives(VIDEO_SOURCES),
     params:
+        mode=extract_mode,
         persons=person_args,
         settings=extract_settings(),
         code=code_version("extract"),
@@ -21,11 +22,11 @@ rule extract_video_faces:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=uses_gpu_detector(),
+        gpu=lambda wc: 0 if SOURCES[wc.source].get("cropped_aligned") else uses_gpu_detector(),
     conda:
         "../../envs/ferflow.yaml"
     shell:
-        "python -m ferflow.extract video --video {input.video:q} {params.persons}"
+        "python -m ferflow.extract {params.mode} --video {input.video:q} {params.persons}"
         " --settings {params.settings:q} --out-tar {output.tar:q} --out-table {output.table:q} > {log:q} 2>&1"
 
 
