@@ -21,16 +21,30 @@ def test_every_stage_has_a_cli(stage):
     assert "usage:" in proc.stdout
 
 
+TEST_VIDEO = "t03-30-320x240"  # a validation video of the tiny demo, also listed as a test video
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny demo, with a test list: every stage runs, the ABAW3 submission included."""
+    import yaml
+
     work = tmp_path_factory.mktemp("tiny")
-    proc = snakemake(work)
-    return work, proc
+    (work / "test_list.txt").write_text(f"{TEST_VIDEO}\n")
+    sources = yaml.safe_load(CONFIG.read_text())["sources"]
+    for src in sources:
+        if src["kind"] == "affwild2":
+            src["test_list"] = "test_list.txt"
+    extra = work / "with_test_list.yaml"
+    extra.write_text(yaml.safe_dump({"sources": sources}))
+    configs = (CONFIG, TINY, extra)
+    proc = snakemake(work, configs=configs)
+    return work, proc, configs
 
 
 @pytest.mark.slow
 def test_tiny_workflow_end_to_end(tiny_run):
-    work, proc = tiny_run
+    work, proc, _ = tiny_run
     metrics = json.loads((work / "results" / "evaluation" / "metrics.json").read_text())
     keys = {"expr_f1", "va_ccc_valence", "va_ccc_arousal", "va_ccc_mean"}
     assert keys <= set(metrics["ensemble"])
@@ -47,14 +61,29 @@ def test_tiny_workflow_end_to_end(tiny_run):
     assert set(acc["source"]) == {"affwild2", "affectnet", "expw"}
     # the demo's +3-line annotation file shows up as beyond_video_end, never silently
     assert acc.filter(pl.col("reason") == "beyond_video_end").height == 3
-    # both splits have samples; validation keeps every frame with a face
-    assert set(labels["split"]) == {"train", "validation"}
+    # every split has samples; the test video has every decoded frame, without labels
+    assert set(labels["split"]) == {"train", "validation", "test"}
+    test = labels.filter(pl.col("split") == "test")
+    assert test["expression"].is_null().all() and test.height == 40
+
+
+@pytest.mark.slow
+def test_submission_has_a_line_per_frame(tiny_run):
+    work, _, _ = tiny_run
+    sub = work / "results" / "submission" / "abaw3"
+    expr = (sub / "EXPR" / f"{TEST_VIDEO}.txt").read_text().splitlines()
+    va = (sub / "VA" / f"{TEST_VIDEO}.txt").read_text().splitlines()
+    assert expr[0] == "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+    assert va[0] == "valence,arousal"
+    assert len(expr) == len(va) == 1 + 40   # the tiny demo's videos have 40 frames
+    assert all(0 <= int(x) < 8 for x in expr[1:])
+    assert all(-1 <= float(v) <= 1 for line in va[1:] for v in line.split(","))
 
 
 @pytest.mark.slow
 def test_second_run_has_nothing_to_do(tiny_run):
-    work, _ = tiny_run
-    proc = snakemake(work, "-n")
+    work, _, configs = tiny_run
+    proc = snakemake(work, "-n", configs=configs)
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
@@ -78,8 +107,8 @@ def test_unknown_config_key_is_rejected(tmp_path):
 
 @pytest.mark.slow
 def test_report_holds_metrics_and_plots(tiny_run):
-    work, _ = tiny_run
-    snakemake(work, "--report", "report.html")
+    work, _, configs = tiny_run
+    snakemake(work, "--report", "report.html", configs=configs)
     html = (work / "report.html").read_text(errors="replace")
     for name in ("metrics.json", "summary.txt", "confusion.png", "f1_per_class.png", "va_hist.png", "curves.png"):
         assert name in html, name

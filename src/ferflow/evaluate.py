@@ -63,7 +63,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from . import atomic, metrics, schemas
+from . import atomic, layout, metrics, schemas
 from .labels import EXPR_HEADER, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER
 
 PROB_COLS = [f"p{i}" for i in range(NUM_EXPRESSIONS)]
@@ -714,7 +714,11 @@ def evaluate(
             raise EvaluationError(f"{label}: weights must be finite and >= 0, got {bad}")
     weights = {n: float(weights.get(n, 1.0)) for n in names}
     va_weights = {n: float(va_weights.get(n, 1.0)) for n in names}
-    if isinstance(smoothing, str) and smoothing != "auto":
+    if isinstance(smoothing, Mapping):  # per-task windows, e.g. those chosen on the validation split
+        if set(smoothing) != {"expr", "va"} or any(
+                not isinstance(w, int) or w < 0 or (w > 1 and w % 2 == 0) for w in smoothing.values()):
+            raise EvaluationError(f"smoothing windows must be {{'expr': W, 'va': W}} with W 0, 1 or odd, got {smoothing!r}")
+    elif isinstance(smoothing, str) and smoothing != "auto":
         raise EvaluationError(f"--smoothing must be a window in frames or 'auto', got {smoothing!r}")
     if isinstance(smoothing, int) and smoothing > 1 and smoothing % 2 == 0:
         raise EvaluationError(f"--smoothing: a centred window must be odd, got {smoothing}")
@@ -730,7 +734,10 @@ def evaluate(
         f"{int(gt.expr_mask.sum())} with expression, {int(gt.va_mask.sum())} with valence/arousal"
     )
 
-    smoothing_on = smoothing == "auto" or smoothing > 1
+    if isinstance(smoothing, Mapping):
+        smoothing_on = max(smoothing.values()) > 1
+    else:
+        smoothing_on = smoothing == "auto" or smoothing > 1
     kept: dict[str, Aligned] = {}
     variant_metrics: dict[str, dict] = {}
 
@@ -755,6 +762,9 @@ def evaluate(
         if smoothing == "auto":
             w_expr, w_va, search = choose_windows(gt, ens, smoothing_windows)
             _log(f"smoothing chosen on {split}: expression window {w_expr}, VA window {w_va}")
+        elif isinstance(smoothing, Mapping):
+            w_expr, w_va = int(smoothing["expr"]), int(smoothing["va"])
+            search = []
         else:
             w_expr = w_va = int(smoothing)
             search = []
@@ -829,17 +839,13 @@ def evaluate(
 
 
 def read_test_list(path: str | os.PathLike) -> list[str]:
-    """Video names, one a line (blank lines and '#' comments skipped, a '.txt' suffix dropped)."""
-    names = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            names.append(line[:-4] if line.endswith(".txt") else line)
+    """Video names of a test list, read as the index stage reads them (:func:`layout.read_test_list`)."""
+    try:
+        names = layout.read_test_list(path)
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(str(exc)) from exc
     if not names:
         raise EvaluationError(f"{path}: the test list names no video")
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise EvaluationError(f"{path}: videos listed twice: {dups[:5]}")
     return names
 
 
@@ -1053,6 +1059,17 @@ def _pairs(items: Sequence[str] | None, what: str, convert=str) -> dict:
     return out
 
 
+def smoothing_from(path: str | os.PathLike) -> dict[str, int]:
+    """The per-task smoothing windows recorded in a metrics.json (0 when it was not smoothed)."""
+    try:
+        block = json.loads(Path(path).read_text()).get("smoothed")
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"{path}: cannot read the smoothing windows: {exc}") from exc
+    if not block:
+        return {"expr": 0, "va": 0}
+    return {"expr": int(block["window"]["expr"]), "va": int(block["window"]["va"])}
+
+
 def _smoothing_arg(value: str) -> int | str:
     if value == "auto":
         return value
@@ -1080,6 +1097,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="validation")
     p.add_argument("--smoothing", type=_smoothing_arg, default=0, metavar="W|auto",
                    help="centred mean window in frames (odd; 0 = off) or 'auto' to choose it on this split")
+    p.add_argument("--smoothing-from", metavar="METRICS_JSON",
+                   help="use the windows recorded in another evaluation's metrics.json (e.g. chosen on the "
+                        "validation split, for a test split without labels); overrides --smoothing")
     p.add_argument("--smoothing-windows", default=",".join(map(str, AUTO_WINDOWS)), metavar="W,W,...",
                    help="candidate windows for --smoothing auto (default %(default)s)")
     p.add_argument("--out-dir", default="results/evaluation")
@@ -1115,9 +1135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             windows = [int(w) for w in args.smoothing_windows.split(",") if w.strip()]
         except ValueError:
             raise EvaluationError(f"--smoothing-windows: not a list of integers: {args.smoothing_windows!r}") from None
+        smoothing = args.smoothing if args.smoothing_from is None else smoothing_from(args.smoothing_from)
         result = evaluate(
             predictions, args.accounting, split=args.split, out_dir=args.out_dir, weights=weights,
-            va_weights=va_weights, smoothing=args.smoothing, smoothing_windows=windows, plots=not args.no_plots,
+            va_weights=va_weights, smoothing=smoothing, smoothing_windows=windows, plots=not args.no_plots,
             submission_dir=args.submission_dir, test_list=test_list, frame_counts=frame_counts,
         )
     except (EvaluationError, schemas.SchemaError, FileNotFoundError) as exc:

@@ -74,7 +74,8 @@ def _list_txt(folder: Path, listing: list[str] | None) -> list[str]:
 
 def read_test_list(path: str | os.PathLike) -> list[str]:
     """Video names of a test list: one a line; blank lines and ``#`` comments skipped, a video
-    extension (``.mp4``) tolerated and removed, repeated names kept once (in first-seen order)."""
+    extension (``.mp4``) or an annotation file's ``.txt`` tolerated and removed, repeated names
+    kept once (in first-seen order)."""
     names: dict[str, None] = {}
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
@@ -85,7 +86,7 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
         if not name:
             continue
         stem, ext = os.path.splitext(name)
-        if ext.lower() in VIDEO_EXTENSIONS:
+        if ext.lower() in VIDEO_EXTENSIONS or ext.lower() == ".txt":
             name = stem
         if "/" in name or "\\" in name or name in (".", ".."):
             raise ValueError(f"{path}:{lineno}: a test list names videos, not paths: {line.strip()!r}")

@@ -240,8 +240,26 @@ def variant_weights():
     return {name: v.get("weight", 1.0) for name, v in VARIANTS.items()}
 
 
+def test_lists():
+    return [s["test_list"] for s in config["sources"] if s.get("test_list")]
+
+
+def test_faces_tables():
+    """FACES tables of the units holding test-list videos (their real frame counts)."""
+    tables = []
+    for name, src in SOURCES.items():
+        if src.get("test_list"):
+            tests = set(layout.read_test_list(src["test_list"]))
+            tables += [f"{RESULTS}/faces/{name}/{u}.parquet" for u, unit in units(name).items()
+                       if any(a.name in tests for a in unit.annotations)]
+    return tables
+
+
 def final_outputs():
-    return [f"{RESULTS}/evaluation/metrics.json"]
+    outputs = [f"{RESULTS}/evaluation/metrics.json"]
+    if test_lists():
+        outputs.append(f"{RESULTS}/submission/metrics.json")
+    return outputs
 
 
 def print_summary():

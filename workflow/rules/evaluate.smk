@@ -34,3 +34,38 @@ rule evaluate_ensemble:
         " --accounting {input.accounting:q} --split {params.split} --smoothing {params.smoothing}"
         " --out-dir {params.out_dir:q}"
         " > {output.summary:q}.tmp 2> {log:q} && mv {output.summary:q}.tmp {output.summary:q}"
+
+
+# ABAW3 submission files for the videos of the test lists (only when a source has a test_list):
+# the ensemble predicts every frame, smoothed with the windows chosen on the evaluation split.
+rule export_submission:
+    input:
+        predictions=expand(f"{RESULTS}/predictions/{{variant}}/test.parquet", variant=list(VARIANTS)),
+        accounting=f"{RESULTS}/accounting.parquet",
+        metrics=f"{RESULTS}/evaluation/metrics.json",
+        test_lists=test_lists(),
+        frame_counts=test_faces_tables(),
+    output:
+        submission=directory(f"{RESULTS}/submission/abaw3"),
+        metrics=f"{RESULTS}/submission/metrics.json",
+    params:
+        predictions=lambda wc, input: " ".join(
+            shlex_quote(f"{name}={path}") for name, path in zip(VARIANTS, input.predictions)
+        ),
+        weights=" ".join(f"{name}={w}" for name, w in variant_weights().items()),
+        out_dir=lambda wc, output: os.path.dirname(output.metrics),
+        code=code_version("evaluate"),
+    log:
+        "logs/export_submission/export_submission.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/ferflow.yaml"
+    shell:
+        "cat {input.test_lists:q} > {params.out_dir:q}/test_list.txt && "
+        "python -m ferflow.evaluate --predictions {params.predictions} --weights {params.weights}"
+        " --accounting {input.accounting:q} --split test --smoothing-from {input.metrics:q} --no-plots"
+        " --out-dir {params.out_dir:q} --submission-dir {output.submission:q}"
+        " --test-list {params.out_dir:q}/test_list.txt --frame-counts {input.frame_counts:q} > {log:q} 2>&1"
