@@ -23,10 +23,9 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=(target.suffix if suffix is None else suffix) + ".tmp",
-        dir=target.parent,
-    )
+    suffix = (target.suffix if suffix is None else suffix) + ".tmp"
+    remove_stale(target, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -45,6 +44,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target``."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target, ".tmp")
+    shutil.rmtree(target.with_name(f".{target.name}.old"), ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -60,6 +61,26 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale(target: Path, suffix: str) -> None:
+    """Remove the temporaries that a writer of ``target`` killed mid-write left beside it
+    (``.<name>.`` + mkstemp's 8 random characters + ``suffix``): a killed shard writer must not
+    leave a copy of the dataset behind. Only one writer of a target runs at a time (Snakemake
+    locks its outputs), so none of them is in use."""
+    prefix = f".{target.name}."
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(suffix) and len(name) == len(prefix) + 8 + len(suffix):
+            path = target.parent / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .atomic import atomic_dir, write_text
+from .atomic import atomic_dir, atomic_path, write_text
 from .schemas import ACCOUNTING, DROP_REASONS, FACES, LABELS, MANIFEST, WHOLE_VIDEO, read_table, write_table
 
 
@@ -175,7 +175,10 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
     n_members = 0
     # shuffle across videos and sources, deterministically, per split
     labels = []
-    with atomic_dir(out_dir) as tmp:
+    # the accounting is written before the shard directory is committed, and renamed into place
+    # after it: a failed write (a full disk) leaves the shards, labels and accounting of the last
+    # run, or no output at all, never a half-written one
+    with atomic_path(accounting_path) as accounting_tmp, atomic_dir(out_dir) as tmp:
         tars: dict[str, tarfile.TarFile] = {}
         members: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
@@ -212,7 +215,7 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
             raise AccountingError(f"{written.height} samples to write, {n_members} written to shards, "
                                   f"{label_table.height} in labels.parquet")
         write_table(label_table, Path(tmp) / "labels.parquet", LABELS)
-    write_table(rows, accounting_path, ACCOUNTING)
+        write_table(rows, accounting_tmp, ACCOUNTING)
     return rows
 
 
