@@ -27,7 +27,7 @@ import torch
 
 from ferflow import atomic, shards
 from ferflow.schemas import PREDICTIONS, read_table
-from workflow_helpers import CONFIG, REPO, TINY, env, snakemake
+from workflow_helpers import CONFIG, REPO, TINY, env, kill_session, snakemake
 
 
 # ---- a full disk while writing the shards ----------------------------------------------------------
@@ -166,12 +166,8 @@ def _kill_during(work: Path, overlay: Path, stage: str, ready, *args: str) -> di
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {stage}")
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+        kill_session(proc)
     deadline = time.monotonic() + 30
     while _session_pids(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
+from workflow_helpers import REPO, TINY, kill_session
 VARIANTS = ["a", "b", "c", "d"]
 
 pytestmark = pytest.mark.slow
@@ -139,12 +137,8 @@ def workstation(tmp_path_factory):
         train_logs = work / "logs" / "train_variant"
         _wait_for(lambda: any("claimed GPU" in f.read_text() for f in train_logs.glob("*.log")), 400,
                   "a training job", first)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait(timeout=60)
+        kill_session(first)
     info["killed_models"] = sorted(p.parent.name for p in (work / "results" / "models").glob("*/model.pt"))
     # 4. the next plain run is refused (stale lock); --unlock, then --rerun-incomplete resumes
     info["after_kill"] = _run(work, *RUN_ARGS, check=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +31,10 @@ def snakemake(workdir: Path, *args: str, configs=(CONFIG, TINY), snakefile: Path
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a run started with ``start_new_session=True``: its whole process group, then reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
