@@ -12,11 +12,17 @@ import numpy as np
 from .labels import NUM_EXPRESSIONS
 
 
+def _paired(a, b, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Both inputs as arrays of ``dtype``; a ValueError when their shapes differ."""
+    a = np.asarray(a, dtype=dtype)
+    b = np.asarray(b, dtype=dtype)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    return a, b
+
+
 def confusion_matrix(y_true, y_pred, num_classes: int = NUM_EXPRESSIONS) -> np.ndarray:
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"shape mismatch: {y_true.shape} vs {y_pred.shape}")
+    y_true, y_pred = _paired(y_true, y_pred, np.int64)
     for name, y in (("y_true", y_true), ("y_pred", y_pred)):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{name} has labels outside 0..{num_classes - 1}")
@@ -41,10 +47,7 @@ def macro_f1(y_true, y_pred, num_classes: int = NUM_EXPRESSIONS) -> float:
 
 def ccc(x, y) -> float:
     """Concordance correlation coefficient with population statistics, computed in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
+    x, y = _paired(x, y, np.float64)
     if x.size == 0:
         return float("nan")
     mx, my = x.mean(), y.mean()
@@ -58,10 +61,7 @@ def ccc(x, y) -> float:
 
 def accuracy(y_true, y_pred) -> float:
     """Fraction of frames whose predicted class equals the true one (NaN when there are none)."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"shape mismatch: {y_true.shape} vs {y_pred.shape}")
+    y_true, y_pred = _paired(y_true, y_pred, np.int64)
     if y_true.size == 0:
         return float("nan")
     return float((y_true == y_pred).mean())
