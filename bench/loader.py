@@ -15,8 +15,9 @@ Three measurements, in one run, on the same images:
 Throughput is samples per second from the first batch to the last (worker start-up excluded). The
 loaders run one after the other in each of ``--repeats`` rounds; ratios are taken within a round
 (back to back, so that the load of a shared machine changing between rounds does not count) and
-the median over rounds is reported. The goal: ``ferflow`` at least as fast as ``folder`` and at
-least 0.7x ``decode``.
+the median over rounds is reported; the limit is the decoder with the best median. The goal:
+``ferflow`` at least as fast as ``folder`` and at least 0.7x ``decode``. ``ferflow`` borrows each
+batch's slot until the next batch, as the training and inference loops do (``borrow=True``).
 
     python bench/loader.py                          # 4000 images, 2 workers
     python bench/loader.py --n 20000 --workers 8     # a machine with more cores
@@ -113,7 +114,8 @@ def throughput(batches) -> tuple[float, int]:
 
 def ours(root: Path, args) -> float:
     loader, _ = data.make_loader(root / "shards", "train", batch_size=args.batch_size, input_size=args.input_size,
-                                 train=True, augment=args.augment, seed=1, bootstrap=False, workers=args.workers)
+                                 train=True, augment=args.augment, seed=1, bootstrap=False, workers=args.workers,
+                                 borrow=True)  # as the training loop reads it
     rate, n = throughput(loader)
     assert n == args.n, (n, args.n)
     return rate
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--augment", nargs="*", default=["flip", "crop", "color"],
                    help="augmentations (default: the paper's flip crop color)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (the config default)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1)")
     p.add_argument("--dir", help="folder for the data (default: a temporary one)")
     args = p.parse_args(argv)
@@ -226,9 +228,12 @@ def main(argv=None) -> int:
                              *((f"decode[{d}]", (lambda d=d: decode(jpegs, args.workers, d))) for d in DECODERS)):
                 rates[name].append(fn())
                 print(f"  round {r + 1}: {name:20s} {rates[name][-1]:9.0f} samples/s", flush=True)
-    # each round's ratios use that round's numbers (measured back to back), so that a load change
-    # on a shared machine between rounds does not count; the median over rounds is reported
-    limits = [max(rates[f"decode[{d}]"][r] for d in DECODERS) for r in range(args.repeats)]
+    # The limit is the decoder with the best median; each round's ratios use that round's numbers
+    # (measured back to back), so that a load change on a shared machine between rounds does not
+    # count, and the median over rounds is reported. (Taking each round's best of the three
+    # decoders instead would pick the luckiest of three noisy numbers: a limit biased upwards.)
+    fastest = max(DECODERS, key=lambda d: statistics.median(rates[f"decode[{d}]"]))
+    limits = rates[f"decode[{fastest}]"]
     r_limit = statistics.median(o / lim for o, lim in zip(rates["ferflow"], limits))
     r_folder = statistics.median(o / f for o, f in zip(rates["ferflow"], rates["folder"]))
     print(f"\nsamples/s, median of {args.repeats} rounds (ratio to the round's decode limit):")
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
         ratio = statistics.median(v / lim for v, lim in zip(values, limits))
         print(f"  {name:20s} {statistics.median(values):9.0f}   {ratio:5.2f}x decode limit")
     print(f"\nferflow / folder loader: {r_folder:.2f}x (goal >= 1.0)   "
-          f"ferflow / decode limit (fastest decoder): {r_limit:.2f}x (goal >= 0.7)")
+          f"ferflow / decode limit ({fastest}, the fastest decoder): {r_limit:.2f}x (goal >= 0.7)")
     return 0 if r_folder >= 1.0 and r_limit >= 0.7 else 1
 
 

@@ -413,3 +413,61 @@ def test_tar_reader_long_names_and_corruption(tmp_path):
     (tmp_path / "cut.tar").write_bytes(bytes(raw[:700]))
     with pytest.raises(data.ShardError, match="cut.tar: truncated"):
         list(data.read_tar(str(tmp_path / "cut.tar")))
+
+
+def test_read_tar_member_sizes_around_the_block(tmp_path):
+    """Members of 0, 1, 511, 512 and 513 bytes (no padding, some, almost a block) read back exactly;
+    a tar cut inside a member's padding is truncated."""
+    payloads = {f"k/{n:06d}.bin": (bytes(range(256)) * 3)[:n] for n in (0, 1, 511, 512, 513)}
+    path = tmp_path / "sizes.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in payloads.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert dict(data.read_tar(str(path))) == payloads
+    raw = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(raw[:512 + 512 + 10])  # inside the 1-byte member's padding
+    with pytest.raises(data.ShardError, match="cut.tar: truncated member"):
+        list(data.read_tar(str(tmp_path / "cut.tar")))
+
+
+def test_hash_draws_are_deterministic_uniform_and_chained():
+    a = data.HashDraws("aug", 1, 0, "train/src/v/000001", 0)
+    b = data.HashDraws("aug", 1, 0, "train/src/v/000001", 0)
+    first = [a.random() for _ in range(40)]  # more than one digest's 8 words
+    assert first == [b.random() for _ in range(40)]
+    assert all(0.0 <= u < 1.0 for u in first) and len(set(first)) == 40
+    for other in (("aug", 1, 0, "train/src/v/000001", 1), ("aug", 2, 0, "train/src/v/000001", 0),
+                  ("aug", 1, 1, "train/src/v/000001", 0), ("aug", 1, 0, "train/src/v/000002", 0)):
+        assert data.HashDraws(*other).random() != first[0]
+    # uniform and randint as random.Random's: bounds kept, every value reached about equally often
+    draws = [data.HashDraws("t", i) for i in range(4000)]
+    ints = Counter(d.randint(-2, 2) for d in draws)
+    assert set(ints) == {-2, -1, 0, 1, 2} and all(650 <= c <= 950 for c in ints.values())  # 800 expected
+    us = np.array([d.uniform(0.7, 1.3) for d in draws])
+    assert us.min() >= 0.7 and us.max() < 1.3 and abs(us.mean() - 1.0) < 0.01
+    assert np.histogram(us, bins=6, range=(0.7, 1.3))[0].min() > 0.8 * 4000 / 6
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_borrowed_batches_are_the_copied_ones_and_give_their_slots_back(shards):
+    """With ``borrow``, each batch's images are a view of its worker's slot until the next batch
+    is asked for; used before that, they are the same images as copied batches. The loop runs
+    through many more batches than the workers have slots (each slot is given back), twice."""
+    kw = dict(batch_size=1, input_size=32, train=True, augment=["flip", "crop", "color"], seed=4,
+              bootstrap=False, workers=2)
+    copied = collect(data.make_loader(shards, "train", **kw)[0])
+    loader, stream = data.make_loader(shards, "train", borrow=True, **kw)
+    slots = stream._ring[0].shape[0] * len(stream._ring)
+    assert len(copied) > 3 * slots
+    for _ in range(2):
+        borrowed = []
+        for batch in loader:
+            assert batch["image"].untyped_storage().data_ptr() in {
+                r.untyped_storage().data_ptr() for r in stream._ring}  # no copy: the slot itself
+            borrowed.append({"key": batch["key"], "image": batch["image"].clone()})
+        assert keys_of(borrowed) == keys_of(copied)
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(borrowed, copied))
+    # copied batches own their memory: all still distinct after the loop
+    assert len({b["image"].untyped_storage().data_ptr() for b in copied}) == len(copied)

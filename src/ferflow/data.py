@@ -13,7 +13,10 @@ model normalises on its device. Batches carry ``weight``: per-sample loss weight
 ``class_balance`` (inverse class frequency, see :func:`class_balance_weights`). A worker writes
 its batches into a few reusable shared-memory slots and the main process copies each batch out
 (:meth:`ShardStream.attach_ring`, :class:`Loader`): a fresh shared-memory tensor per batch, as
-torch's DataLoader would make, costs about as much as decoding the batch.
+torch's DataLoader would make, costs about as much as decoding the batch. The training and
+inference loops borrow the slot instead (``borrow=True``: the images are used where they are,
+and the slot is given back when the next batch is asked for), which saves the main process a
+copy of every image.
 
 Speed. The image work is a few OpenCV calls per sample on HWC uint8 (:class:`Augment`): JPEGs much
 larger than the input are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, cheaper than a
@@ -38,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence
@@ -88,6 +92,40 @@ def bootstrap_count(key: str, seed: int) -> int:
 
 def _seed_for(*parts: object) -> int:
     return _hash64(*parts) & ((1 << 63) - 1)
+
+
+_INV_2_53 = 1.0 / (1 << 53)
+_WORDS = struct.Struct("<8Q")  # a 64-byte digest as 8 words
+
+
+class HashDraws:
+    """A sample's random draws, from a hash of ``parts``: the ``random.Random`` methods that
+    :class:`Augment` uses (``random``, ``uniform``, ``randint``), at a fraction of the cost of
+    seeding a Mersenne Twister for every sample (its 2.5 kB state is rebuilt at each seeding).
+
+    The draws are the 64-bit words of a chain of BLAKE2b digests (last word first): the first
+    digest is that of ``parts``, each next one the digest of the one before. ``random()`` is a
+    word's top 53 bits over 2**53, as ``random.Random`` makes its floats; ``randint(a, b)`` is
+    ``a + floor(random() * (b - a + 1))``, off uniform by at most 2**-53 per value.
+    """
+
+    __slots__ = ("_digest", "_words")
+
+    def __init__(self, *parts: object):
+        self._digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode()).digest()
+        self._words = list(_WORDS.unpack(self._digest))
+
+    def random(self) -> float:
+        if not self._words:  # the next 8 words
+            self._digest = hashlib.blake2b(self._digest).digest()
+            self._words = list(_WORDS.unpack(self._digest))
+        return (self._words.pop() >> 11) * _INV_2_53
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.random()
+
+    def randint(self, a: int, b: int) -> int:
+        return a + int(self.random() * (b - a + 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +262,8 @@ _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 # the grey projector (Y), the chroma projector (I, Q) and the chroma rotation by 90 degrees.
 _Y_PART, _IQ_PART, _IQ_ROT = (_YIQ2RGB @ m @ _RGB2YIQ for m in (
     np.diag([1.0, 0, 0]), np.diag([0, 1.0, 1.0]), np.array([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])))
-_BGR_COLUMNS = [2, 1, 0, 3]
+_Y_ROWS, _IQ_ROWS, _ROT_ROWS = (m.tolist() for m in (_Y_PART, _IQ_PART, _IQ_ROT))
+_GREY_RGB = _GREY.tolist()
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -290,16 +329,22 @@ def colour_matrix(rng: random.Random, mean_grey: float) -> np.ndarray:
     matter: grey ``Y -> f_b (f_c Y + (1 - f_c) mean)``, chroma ``-> f_b f_c f_s R(2 pi h) chroma``.
     Values are clipped once, when the matrix is applied. Hue is YIQ's rotation, not HSV's.
     """
+    return np.array(_colour_rows(rng, mean_grey, (0, 1, 2)))
+
+
+def _colour_rows(rng, mean_grey: float, columns: tuple[int, int, int]) -> list[list[float]]:
+    """:func:`colour_matrix` as rows of Python floats, its input columns in the order ``columns``
+    (``(2, 1, 0)``: takes BGR in, gives RGB out). Plain floats: numpy's 3x3 arithmetic costs more
+    than the colour transform of a 112 px image."""
     cj = COLOR_JITTER
     fb = rng.uniform(1 - cj["brightness"], 1 + cj["brightness"])
     fc = rng.uniform(1 - cj["contrast"], 1 + cj["contrast"])
     fs = rng.uniform(1 - cj["saturation"], 1 + cj["saturation"])
     h = rng.uniform(-cj["hue"], cj["hue"]) * 2 * math.pi
-    chroma = fb * fc * fs
-    m = np.empty((3, 4))
-    m[:, :3] = fb * fc * _Y_PART + chroma * math.cos(h) * _IQ_PART + chroma * math.sin(h) * _IQ_ROT
-    m[:, 3] = fb * (1 - fc) * mean_grey
-    return m
+    grey, chroma = fb * fc, fb * fc * fs
+    cos, sin, offset = chroma * math.cos(h), chroma * math.sin(h), fb * (1 - fc) * mean_grey
+    return [[grey * y[k] + cos * iq[k] + sin * rot[k] for k in columns] + [offset]
+            for y, iq, rot in zip(_Y_ROWS, _IQ_ROWS, _ROT_ROWS)]
 
 
 @dataclass(frozen=True)
@@ -375,12 +420,13 @@ class Augment:
         return m
 
     @staticmethod
-    def _colour(bgr: np.ndarray, rng: random.Random, out: np.ndarray | None = None) -> np.ndarray:
+    def _colour(bgr: np.ndarray, rng, out: np.ndarray | None = None) -> np.ndarray:
+        """Colour jitter of a BGR image, RGB out: one ``cv2.transform`` with the 3x4 matrix of
+        :func:`colour_matrix` (its columns reordered to take BGR)."""
         small = cv2.resize(bgr, (16, 16), interpolation=cv2.INTER_NEAREST)  # 256 pixels are plenty
-        mean_bgr = cv2.mean(small)[:3]
-        m = colour_matrix(rng, _GREY[2] * mean_bgr[0] + _GREY[1] * mean_bgr[1] + _GREY[0] * mean_bgr[2])
-        m = m[:, _BGR_COLUMNS].astype(np.float32)  # columns in BGR order: takes OpenCV's BGR in
-        return cv2.transform(bgr, m, dst=out)
+        b, g, r = cv2.mean(small)[:3]
+        grey = _GREY_RGB[0] * r + _GREY_RGB[1] * g + _GREY_RGB[2] * b
+        return cv2.transform(bgr, np.array(_colour_rows(rng, grey, (2, 1, 0)), np.float32), dst=out)
 
     @staticmethod
     def _erase(img: np.ndarray, rng: random.Random) -> None:
@@ -484,13 +530,16 @@ def read_tar(url: str) -> Iterator[tuple[str, bytes]]:
                     raise ShardError(f"{url}: truncated tar header at byte {offset}")
                 return
             stored = _octal(header[148:156], url, offset)
-            if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            if stored != sum(header) - sum(header[148:156]) + 256:  # the checksum field counts as spaces
                 raise ShardError(f"{url}: corrupt tar header at byte {offset} (checksum)")
             size = _octal(header[124:136], url, offset)
             kind = header[156:157]
-            payload = fh.read(size)
-            if len(payload) < size or len(fh.read((-size) % 512)) < (-size) % 512:
+            padded = size + (-size) % 512
+            payload = fh.read(padded)  # the data and the padding to the next header, in one read
+            if len(payload) < padded:
                 raise ShardError(f"{url}: truncated member at byte {offset}")
+            if padded != size:
+                payload = payload[:size]
             at, offset = offset, offset + 512 + size + (-size) % 512
             try:
                 if kind == b"x":
@@ -618,7 +667,7 @@ class ShardStream(IterableDataset):
         for i, s in enumerate(samples):
             rng = None
             if self.train and self.augment:
-                rng = random.Random(_seed_for("aug", self.seed, self.epoch, s["key"], s["rep"]))
+                rng = HashDraws("aug", self.seed, self.epoch, s["key"], s["rep"])
             try:
                 self._transform(s["jpg"], rng, buf[i])
             except ValueError as exc:
@@ -659,23 +708,38 @@ class ShardStream(IterableDataset):
         self._next_slot = (k + 1) % self._ring[worker].shape[0]
         return self._ring[worker][k, :n], (worker, k, n)
 
-    def take(self, batch: dict, pin_memory: bool = False) -> dict:
-        """In the main process: the images of a batch made in a slot, copied out; the slot freed."""
+    def take(self, batch: dict, pin_memory: bool = False, borrow: bool = False) -> tuple[dict, tuple | None]:
+        """In the main process: the images of a batch made in a slot, as tensors.
+
+        Copied out of the slot, which is freed (into pinned memory with ``pin_memory``: CUDA's
+        caching host allocator reuses pinned blocks); or, with ``borrow``, a view of the slot
+        itself: no copy, and the slot stays taken until :meth:`release` of the returned slot.
+        Returns the batch and the slot still taken (None when freed).
+        """
         slot = batch.pop("_slot", None)
-        if slot is not None:
-            worker, k, n = slot
-            src = self._ring[worker][k, :n]
-            if pin_memory:  # CUDA's caching host allocator reuses pinned blocks
-                images = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
-                images.copy_(src)
-            else:  # numpy's (malloc's) memory is reused from batch to batch, and its copy is one
-                # plain memcpy (torch's copy_ spreads it over intra-op threads that the workers use)
-                images = torch.from_numpy(src.numpy().copy())
-            self._free[worker].release()
-            batch["image"] = images.permute(0, 3, 1, 2)
-            for name in ("expr", "va", "weight"):
-                batch[name] = torch.as_tensor(batch[name])
-        return batch
+        if slot is None:
+            return batch, None
+        worker, k, n = slot
+        src = self._ring[worker][k, :n]
+        if pin_memory:
+            images = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+            images.copy_(src)
+        elif borrow:
+            images = src
+        else:  # numpy's (malloc's) memory is reused from batch to batch, and its copy is one
+            # plain memcpy (torch's copy_ spreads it over intra-op threads that the workers use)
+            images = torch.from_numpy(src.numpy().copy())
+        batch["image"] = images.permute(0, 3, 1, 2)
+        for name in ("expr", "va", "weight"):
+            batch[name] = torch.as_tensor(batch[name])
+        if images is src:
+            return batch, slot
+        self.release(slot)
+        return batch, None
+
+    def release(self, slot: tuple) -> None:
+        """Free a slot that :meth:`take` lent (its images must no longer be used)."""
+        self._free[slot[0]].release()
 
     def _batches(self, logical: int) -> Iterator[dict]:
         assert self.position is not None
@@ -740,17 +804,32 @@ class Loader:
     """Iterates a DataLoader over a :class:`ShardStream` (the training and evaluation loader).
 
     Batches made by workers in shared-memory slots (:meth:`ShardStream.attach_ring`) are copied
-    out here, so every batch the caller gets owns its memory and may be kept.
+    out here, so that every batch the caller gets owns its memory and may be kept. With
+    ``borrow``, a batch's images are instead a view of the worker's slot, valid until the caller
+    asks for the next batch (the slot is then given back to its worker): no copy of every image
+    in the main process, for a caller that is done with a batch before it asks for the next (the
+    training step, inference). On CUDA (``pin_memory``) images are always copied, into pinned
+    memory.
     """
 
-    def __init__(self, dataloader: DataLoader, stream: "ShardStream", pin_memory: bool = False):
+    def __init__(self, dataloader: DataLoader, stream: "ShardStream", pin_memory: bool = False,
+                 borrow: bool = False):
         self.dataloader = dataloader
         self.stream = stream
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.borrow = borrow
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.dataloader:
-            yield self.stream.take(batch, self.pin_memory)
+        lent = None
+        try:
+            for batch in self.dataloader:
+                if lent is not None:  # the caller asked for this batch: it is done with the last
+                    self.stream.release(lent)
+                batch, lent = self.stream.take(batch, self.pin_memory, self.borrow)
+                yield batch
+        finally:
+            if lent is not None:
+                self.stream.release(lent)
 
 
 def _relative_shard(path: Path) -> str:
@@ -776,12 +855,15 @@ def make_loader(
     pin_memory: bool = False,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     class_balance: bool = False,
+    borrow: bool = False,
 ) -> tuple[Loader, ShardStream]:
     """A DataLoader over ``split`` and the ShardStream behind it (for sizes and positions).
 
     ``train=False`` reads every sample once, in shard order, without augmentation, bootstrap or
     frame subsampling (validation, prediction). ``class_balance``: batches' ``weight`` are inverse
     class frequencies (over the samples the stream keeps), for the loss's ``sample_weight``.
+    ``borrow``: each batch's images are valid only until the next batch is asked for (see
+    :class:`Loader`); for a loop that is done with a batch before it asks for the next.
     """
     shards = list_shards(shard_dir, split)
     if not shards:
@@ -813,4 +895,4 @@ def make_loader(
     # pinning happens when the images are copied out of their slot (workers) or below (no workers)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory and workers == 0,
                         collate_fn=_as_made, worker_init_fn=_one_thread if workers else None, **kwargs)
-    return Loader(loader, stream, pin_memory and workers > 0), stream
+    return Loader(loader, stream, pin_memory and workers > 0, borrow), stream

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = data.read_labels(args.shards)
         loader, stream = data.make_loader(
             args.shards, args.split, batch_size=args.batch_size, input_size=int(settings["input_size"]),
-            train=False, workers=args.workers, labels=labels, pin_memory=device.type == "cuda",
+            train=False, workers=args.workers, labels=labels, pin_memory=device.type == "cuda", borrow=True,
         )
         keys, probs, va = infer(model, loader, device)
     if len(keys) != len(stream.index):

@@ -156,7 +156,7 @@ def train_loader(shards, split: str, settings: dict, index: data.LabelIndex, epo
         shards, split, batch_size=int(settings["batch_size"]),
         input_size=int(settings["input_size"]), train=True, augment=settings["augment"],
         seed=int(settings["seed"]), epoch=epoch, bootstrap=bool(settings["bootstrap"]),
-        workers=int(settings["workers"]), position=position, index=index, pin_memory=pin_memory,
+        workers=int(settings["workers"]), position=position, index=index, pin_memory=pin_memory, borrow=True,
         class_balance=bool(settings["class_balance"]),
     )
 
@@ -432,7 +432,7 @@ def evaluate(model, shards, split: str, index: data.LabelIndex, settings: dict, 
     """Expression macro F1 and valence/arousal CCC on every sample of ``split``."""
     loader, _ = data.make_loader(
         shards, split, batch_size=max(int(settings["batch_size"]), 2), input_size=int(settings["input_size"]),
-        train=False, workers=int(settings["workers"]), index=index, pin_memory=device.type == "cuda",
+        train=False, workers=int(settings["workers"]), index=index, pin_memory=device.type == "cuda", borrow=True,
     )
     keys, probs, va = infer(model, loader, device)
     rows = np.array([index.rows[k] for k in keys], dtype=np.int64)
