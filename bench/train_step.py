@@ -10,8 +10,11 @@ machine load:
   cross-entropy + MSE, the same optimiser (``train.make_optimizer``) and clipping, and the same
   uint8 -> normalised input.
 
-Reported per model: median images/s over ``--repeats`` timed steps (after ``--warmup`` steps),
-the DAN/plain cost ratio (goal <= 1.25), and the median peak memory of a step: the peak resident
+Timing runs in ``--rounds`` rounds of four steps, DAN, plain, plain, DAN (ABBA, after ``--warmup``
+steps each), so that a load change during a round weighs on both; each round gives one cost ratio
+(DAN seconds / plain seconds). Reported: median images/s per model, the median ratio over rounds
+with its range (goal <= 1.25), and the median peak memory of a step, measured in separate,
+untimed steps: the peak resident
 set size (sampled every 1 ms by a thread) above its size when the step started (activations,
 gradients and temporaries; the weights and optimiser state are already resident). glibc's
 ``malloc_trim`` runs between steps so that freed memory does not hide the next peak.
@@ -125,7 +128,7 @@ def plain_step_fn(backbone: str, batch: dict):
     return step, sum(p.numel() for p in params)
 
 
-def bench(backbone: str, size: int, batch_size: int, warmup: int, repeats: int) -> dict:
+def bench(backbone: str, size: int, batch_size: int, warmup: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(0)
     batch = {
         "image": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
@@ -136,22 +139,36 @@ def bench(backbone: str, size: int, batch_size: int, warmup: int, repeats: int) 
     steps = {"dan": dan_step_fn(backbone, batch), "plain": plain_step_fn(backbone, batch)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     mems: dict[str, list[int]] = {k: [] for k in steps}
+    ratios = []
     for _ in range(warmup):
         for fn, _ in steps.values():
             fn()
-    for _ in range(repeats):
-        for name, (fn, _) in steps.items():  # alternate: both see the same load
+    # Timing: rounds of four steps in the order DAN, plain, plain, DAN (ABBA: a load that rises
+    # or falls during the round weighs on both alike); each round gives one ratio, and the median
+    # over rounds is reported. Steps run as in training: no memory probe (below) while timed.
+    for _ in range(rounds):
+        spent = {"dan": 0.0, "plain": 0.0}
+        for name in ("dan", "plain", "plain", "dan"):
+            t = time.perf_counter()
+            steps[name][0]()
+            dt = time.perf_counter() - t
+            times[name].append(dt)
+            spent[name] += dt
+        ratios.append(spent["dan"] / spent["plain"])
+    # Memory, in separate steps: the probe trims the heap before a step (so that the step's peak
+    # shows) and samples it from a thread, neither of which a real training loop does.
+    for _ in range(max(1, rounds // 3)):
+        for name, (fn, _) in steps.items():
             with PeakRSS() as mem:
-                t = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - t)
             mems[name].append(mem.delta)
     result = {"backbone": backbone, "size": size}
     for name, (_, n_params) in steps.items():
         result[f"{name}_img_s"] = batch_size / statistics.median(times[name])
         result[f"{name}_mem_mb"] = statistics.median(mems[name]) / 2**20
         result[f"{name}_params_m"] = n_params / 1e6
-    result["ratio"] = result["plain_img_s"] / result["dan_img_s"]  # DAN cost / plain cost
+    result["ratio"] = statistics.median(ratios)  # DAN cost / plain cost
+    result["ratio_lo"], result["ratio_hi"] = min(ratios), max(ratios)
     return result
 
 
@@ -161,26 +178,28 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=[112, 224])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9, help="ABBA rounds (default 9)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="resnet18 at 112, batch 16, 1 warmup, 3 repeats")
+    p.add_argument("--quick", action="store_true", help="resnet18 at 112, batch 16, 1 warmup, 3 rounds")
     args = p.parse_args(argv)
     if args.quick:
-        args.backbones, args.sizes, args.batch_size, args.warmup, args.repeats = ["resnet18"], [112], 16, 1, 3
+        args.backbones, args.sizes, args.batch_size, args.warmup, args.rounds = ["resnet18"], [112], 16, 1, 3
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"median of {args.repeats} steps after {args.warmup} warm-up; DAN: 4 heads, task both")
-    header = (f"{'backbone':<9} {'input':>5} | {'DAN img/s':>9} {'plain img/s':>11} {'ratio':>6} {'goal':>5} | "
+          f"{args.rounds} ABBA rounds after {args.warmup} warm-up steps; DAN: 4 heads, task both")
+    header = (f"{'backbone':<9} {'input':>5} | {'DAN img/s':>9} {'plain img/s':>11} {'ratio':>6} {'range':>11} "
+              f"{'goal':>5} | "
               f"{'DAN MB':>7} {'plain MB':>8} | {'DAN Mpar':>8} {'plain Mpar':>10}")
     print(header)
     print("-" * len(header))
     for backbone in args.backbones:
         for size in args.sizes:
-            r = bench(backbone, size, args.batch_size, args.warmup, args.repeats)
+            r = bench(backbone, size, args.batch_size, args.warmup, args.rounds)
             ok = "ok" if r["ratio"] <= 1.25 else "OVER"
+            spread = f"{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}"
             print(f"{backbone:<9} {size:>5} | {r['dan_img_s']:>9.1f} {r['plain_img_s']:>11.1f} {r['ratio']:>6.2f} "
-                  f"{ok:>5} | {r['dan_mem_mb']:>7.0f} {r['plain_mem_mb']:>8.0f} | {r['dan_params_m']:>8.1f} "
+                  f"{spread:>11} {ok:>5} | {r['dan_mem_mb']:>7.0f} {r['plain_mem_mb']:>8.0f} | {r['dan_params_m']:>8.1f} "
                   f"{r['plain_params_m']:>10.1f}", flush=True)
     return 0
 
