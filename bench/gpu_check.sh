@@ -3,6 +3,9 @@
 # with bf16 autocast and channels-last, printing images/s and peak GPU memory. Under 3 minutes.
 #
 #   bash bench/gpu_check.sh            # PYTHON=... to choose the interpreter (default python3)
+#   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh   # the same code paths on the CPU at toy sizes, in
+#                                               # seconds (tests/test_bench.py), so that the script
+#                                               # works on the day a GPU is lent
 #
 # Part 1 needs only torch + torchvision: it times the trainer's step (ferflow.model + ferflow.losses,
 # Adam, gradient clipping, bf16 autocast, channels-last) on a synthetic uint8 batch already on the
@@ -14,9 +17,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi -L || true
+export GPU_CHECK_SMOKE=${GPU_CHECK_SMOKE:-0}
+[ "$GPU_CHECK_SMOKE" = 1 ] || nvidia-smi -L || true
 
 timeout 120 "$PY" - <<'EOF'
+import os
 import time
 import torch
 import torch.nn.functional as F
@@ -24,11 +29,13 @@ import torchvision
 from ferflow.losses import DANLoss
 from ferflow.model import build_model
 
-assert torch.cuda.is_available(), "no CUDA device"
-dev = torch.device("cuda")
+smoke = os.environ["GPU_CHECK_SMOKE"] == "1"
+assert smoke or torch.cuda.is_available(), "no CUDA device"
+dev = torch.device("cpu" if smoke else "cuda")
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 torch.backends.cudnn.benchmark = True
-print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
-B, S, WARMUP, STEPS = 256, 224, 5, 20
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'CPU smoke test'}")
+B, S, WARMUP, STEPS = (4, 64, 1, 2) if smoke else (256, 224, 5, 20)
 images = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, device=dev).contiguous(memory_format=torch.channels_last)
 expr = torch.randint(0, 8, (B,), device=dev)
 va = torch.rand(B, 2, device=dev) * 2 - 1
@@ -38,10 +45,10 @@ def dan():
     model = build_model({"backbone": "resnet50", "heads": 4}).to(dev).to(memory_format=torch.channels_last)
     crit = DANLoss("both").to(dev)
     params = list(model.parameters()) + list(crit.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-4)
+    opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-4, fused=True)  # as ferflow.train's
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             out = model(images)
             loss, _ = crit(out, expr, va)
         opt.zero_grad(set_to_none=True)
@@ -53,12 +60,12 @@ def dan():
 
 def plain():
     net = torchvision.models.resnet50(num_classes=10).to(dev).to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, weight_decay=1e-4, fused=True)
     mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1) * 255
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             out = net(((images.float() - mean) / std).contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(out[:, :8].float(), expr) + F.mse_loss(torch.tanh(out[:, 8:].float()), va)
         opt.zero_grad(set_to_none=True)
@@ -70,18 +77,19 @@ def plain():
 
 rates = {}
 for name, make in (("DAN-ResNet-50", dan), ("plain ResNet-50", plain)):
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     step = make()
     for _ in range(WARMUP):
         step()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(STEPS):
         step()
-    torch.cuda.synchronize()
+    sync()
     rates[name] = B * STEPS / (time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     print(f"{name:<16} batch {B} @ {S}px bf16: {rates[name]:8.0f} img/s, peak GPU memory {peak:5.1f} GiB")
 print(f"DAN / plain cost ratio: {rates['plain ResNet-50'] / rates['DAN-ResNet-50']:.2f}")
 EOF
@@ -90,21 +98,27 @@ if "$PY" -c "import webdataset, polars, tqdm, matplotlib" 2>/dev/null; then
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
   timeout 150 "$PY" - "$WORK" <<'EOF'
-import csv, json, subprocess, sys, time
+import csv, json, os, subprocess, sys, time
 from pathlib import Path
 from test_data import write_synthetic_shards
 
 work = Path(sys.argv[1])
+smoke = os.environ["GPU_CHECK_SMOKE"] == "1"
 t = time.perf_counter()
-write_synthetic_shards(work / "shards", {"train": 3072, "validation": 256}, per_shard=256, size=224, videos=16)
+if smoke:
+    write_synthetic_shards(work / "shards", {"train": 48, "validation": 16}, per_shard=16, size=64, videos=4)
+else:
+    write_synthetic_shards(work / "shards", {"train": 3072, "validation": 256}, per_shard=256, size=224, videos=16)
 print(f"wrote synthetic shards in {time.perf_counter() - t:.0f} s")
-settings = {"name": "gpu_check", "backbone": "resnet50", "heads": 4, "input_size": 224, "epochs": 1,
-            "batch_size": 256, "lr": 1e-4, "workers": 8, "augment": ["flip", "crop", "color"], "bootstrap": False}
+settings = {"name": "gpu_check", "backbone": "resnet50", "heads": 4, "input_size": 64 if smoke else 224,
+            "epochs": 1, "batch_size": 8 if smoke else 256, "lr": 1e-4, "workers": 2 if smoke else 8,
+            "augment": ["flip", "crop", "color"], "bootstrap": False}
 subprocess.run([sys.executable, "-m", "ferflow.train", "--shards", str(work / "shards"), "--out", str(work / "out"),
-                "--device", "auto", "--no-progress", "--settings", json.dumps(settings)], check=True)
+                "--device", "cpu" if smoke else "auto", "--no-progress", "--settings", json.dumps(settings)],
+               check=True)
 row = list(csv.DictReader(open(work / "out" / "history.csv")))[-1]
-print(f"ferflow.train end to end (loader, 8 workers, first epoch incl. warm-up): {float(row['train_img_per_s']):.0f} img/s, "
-      f"peak GPU memory {float(row['gpu_peak_mem_gib']):.1f} GiB")
+print(f"ferflow.train end to end (loader, {settings['workers']} workers, first epoch incl. warm-up): "
+      f"{float(row['train_img_per_s']):.0f} img/s, peak GPU memory {float(row.get('gpu_peak_mem_gib') or 'nan'):.1f} GiB")
 EOF
 else
   echo "part 2 skipped: webdataset/polars not importable (carry them as wheels to run ferflow.train end to end)"
@@ -112,4 +126,8 @@ fi
 
 # Part 3: batched RetinaFace detection on the GPU at batch sizes 1, 16 and 64 (frames/s).
 # Needs retinaface-pytorch (`pip install --no-deps retinaface-pytorch==0.0.8`).
-timeout 90 "$PY" bench/gpu_detect.py || echo "part 3 failed or timed out (exit $?)"
+if [ "$GPU_CHECK_SMOKE" = 1 ]; then
+  timeout 90 "$PY" bench/gpu_detect.py --cpu-smoke-test --frames 2 --batch-sizes 1,2 --detect-size 128 --baseline-frames 0
+else
+  timeout 90 "$PY" bench/gpu_detect.py || echo "part 3 failed or timed out (exit $?)"
+fi
