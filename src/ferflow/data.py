@@ -540,7 +540,7 @@ def read_tar(url: str) -> Iterator[tuple[str, bytes]]:
                 raise ShardError(f"{url}: truncated member at byte {offset}")
             if padded != size:
                 payload = payload[:size]
-            at, offset = offset, offset + 512 + size + (-size) % 512
+            at, offset = offset, offset + 512 + padded
             try:
                 if kind == b"x":
                     long_name = _pax_path(payload, url, at) or long_name
@@ -720,19 +720,17 @@ class ShardStream(IterableDataset):
         if slot is None:
             return batch, None
         worker, k, n = slot
-        src = self._ring[worker][k, :n]
+        images = self._ring[worker][k, :n]
+        lent = borrow and not pin_memory
         if pin_memory:
-            images = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
-            images.copy_(src)
-        elif borrow:
-            images = src
-        else:  # numpy's (malloc's) memory is reused from batch to batch, and its copy is one
-            # plain memcpy (torch's copy_ spreads it over intra-op threads that the workers use)
-            images = torch.from_numpy(src.numpy().copy())
+            images = torch.empty(images.shape, dtype=torch.uint8, pin_memory=True).copy_(images)
+        elif not lent:  # numpy's (malloc's) memory is reused from batch to batch, and its copy is
+            # one plain memcpy (torch's copy_ spreads it over intra-op threads that the workers use)
+            images = torch.from_numpy(images.numpy().copy())
         batch["image"] = images.permute(0, 3, 1, 2)
         for name in ("expr", "va", "weight"):
             batch[name] = torch.as_tensor(batch[name])
-        if images is src:
+        if lent:
             return batch, slot
         self.release(slot)
         return batch, None
