@@ -1,10 +1,10 @@
-"""Benchmark of the ensemble step of ``ferflow.evaluate`` against a straightforward pandas version.
+"""Benchmark of the ensemble step of ``ferflow.ensemble`` against a straightforward pandas version.
 
 The step: from an ACCOUNTING table and the PREDICTIONS of several variants (in memory), select the
 scored frames of the split, fill each variant's missing frames by linear interpolation within each
 video (ends copied, uniform / 0 for videos without predictions) and soft-vote (mean of
-probabilities and of VA) onto every scored frame. Ours is ``evaluate.ground_truth_from_accounting``
-+ ``evaluate.build_ensemble`` (polars join/sort + numpy searchsorted); the baseline is what one
+probabilities and of VA) onto every scored frame. Ours is ``truth.ground_truth_from_accounting``
++ ``ensemble.build_ensemble`` (polars join/sort + numpy searchsorted); the baseline is what one
 would write in pandas: merge, ``groupby(video).apply(interpolate(method="index"))``, mean. Both
 run side by side in this process, alternating, on the same data; the results are checked equal.
 
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ferflow import evaluate, schemas  # noqa: E402
+from ferflow import ensemble, schemas, truth  # noqa: E402
 
 try:
     import pandas as pd
@@ -111,8 +111,8 @@ def make_data(frames: int, variants: int, mean_video: int, seed: int = 0):
 
 
 def ours(acc: pl.DataFrame, preds: dict[str, pl.DataFrame], split: str = "validation") -> np.ndarray:
-    gt = evaluate.ground_truth_from_accounting(acc, split)
-    ens = evaluate.build_ensemble(gt, preds)
+    gt = truth.ground_truth_from_accounting(acc, split)
+    ens = ensemble.build_ensemble(gt, preds)
     return np.concatenate([ens.probs, ens.va], axis=1)
 
 

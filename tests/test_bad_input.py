@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import bad_inputs as bad
-from ferflow import data, evaluate, index, layout, shards, train
+from ferflow import data, index, layout, shardio, shards, train, truth
 from ferflow.schemas import ACCOUNTING, LABELS, read_table
 from test_accounting import run_pipeline
 from test_data import write_synthetic_shards
@@ -77,7 +77,7 @@ def test_written_samples_are_in_the_shards_and_readable(corpus):
     for name in ("gray.png", "ünï'cödé\"表情.jpg", *(f"ïmages 'x'/{n}.png" for n in bad.WEIRD_NAMES)):
         assert any(f"/{name}/" in k for k in keys), name
     for tar in sorted((root / "out" / "shards" / "train").glob("*.tar")):
-        for sample in data.shard_samples(str(tar)):
+        for sample in shardio.shard_samples(str(tar)):
             if "/gray.png/" in sample["__key__"]:
                 img = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
                 assert img.ndim == 3 and img.shape[2] == 3
@@ -115,7 +115,7 @@ def test_same_video_name_in_two_sources_is_kept_apart(tmp_path):
     assert written.height == 8 and written["key"].is_unique().all()
     assert {k.rsplit("/", 1)[0] for k in written["key"]} == {"train/awa/clip", "train/awb/clip"}
     assert dict(written.group_by("source").agg(pl.col("expression").first()).iter_rows()) == {"awa": 1, "awb": 2}
-    assert evaluate.ground_truth_from_accounting(rows, "train").n_videos == 2
+    assert truth.ground_truth_from_accounting(rows, "train").n_videos == 2
 
 
 def test_two_videos_with_one_name_in_a_source_is_an_error_naming_both(tmp_path):

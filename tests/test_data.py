@@ -20,7 +20,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from ferflow import data, schemas
+from ferflow import augment, data, schemas, shardio
 
 CLASS_COLOURS = np.array(
     [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255],
@@ -241,7 +241,7 @@ def test_unsafe_member_names_are_refused_naming_the_shard(tmp_path, shards, name
     shard = root / "train" / "shard-00000.tar"
     _write_tar(shard, {name: b"not a jpeg"})
     loader, _ = data.make_loader(root, "train", batch_size=4, input_size=32, train=False)
-    with pytest.raises(data.UnsafeMemberError) as err:
+    with pytest.raises(shardio.UnsafeMemberError) as err:
         collect(loader)
     assert str(shard) in str(err.value) and name in str(err.value)
 
@@ -263,7 +263,7 @@ def test_missing_split_is_a_clear_error(shards):
 
 def test_unknown_augmentation_is_refused():
     with pytest.raises(ValueError, match="blur"):
-        data.build_transform(32, ["flip", "blur"])
+        augment.build_transform(32, ["flip", "blur"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,13 +293,13 @@ class _Mid:
 
 
 def test_colour_matrix_identity_grey_axis_and_ranges():
-    m = data.colour_matrix(_Mid(), mean_grey=100.0)
+    m = augment.colour_matrix(_Mid(), mean_grey=100.0)
     assert np.allclose(m, np.hstack([np.eye(3), np.zeros((3, 1))]), atol=1e-9)
     import random as _random
 
     grey = np.array([80.0, 80.0, 80.0])
     for seed in range(50):
-        m = data.colour_matrix(_random.Random(seed), mean_grey=80.0)
+        m = augment.colour_matrix(_random.Random(seed), mean_grey=80.0)
         out = m[:, :3] @ grey + m[:, 3]
         assert np.ptp(out) < 1e-6          # grey stays grey: saturation and hue leave the grey axis alone
         assert 0.49 * 80 <= out[0] <= 1.69 * 80 + 1e-6   # brightness x contrast in [0.7, 1.3]^2 about the mean
@@ -311,20 +311,20 @@ def test_augment_is_deterministic_and_each_step_acts():
     rng = np.random.default_rng(0)
     img = synthetic_image(3, 0.5, -0.5, 64, rng)
     jpg = _jpeg(img)
-    plain = data.build_transform(64)(jpg)
+    plain = augment.build_transform(64)(jpg)
     assert plain.shape == (64, 64, 3) and plain.dtype == np.uint8
     err = np.abs(plain.astype(int) - img).mean()               # RGB order, decoded faithfully
     assert err < 8 and err < np.abs(plain.astype(int) - img[:, :, ::-1]).mean() / 4
-    for aug in data.AUGMENTATIONS:
-        t = data.build_transform(64, [aug])
+    for aug in augment.AUGMENTATIONS:
+        t = augment.build_transform(64, [aug])
         outs = [t(jpg, _random.Random(s)) for s in range(12)]
         assert np.array_equal(outs[0], t(jpg, _random.Random(0)))  # same generator, same image
         assert any(not np.array_equal(o, plain) for o in outs), aug
     # flip is the mirror image; crop shifts with a black border
-    flipped = next(o for o in (data.build_transform(64, ["flip"])(jpg, _random.Random(s)) for s in range(20))
+    flipped = next(o for o in (augment.build_transform(64, ["flip"])(jpg, _random.Random(s)) for s in range(20))
                    if not np.array_equal(o, plain))
     assert np.array_equal(flipped, plain[:, ::-1])
-    shifted = data.build_transform(64, ["crop"])(jpg, _random.Random(1))
+    shifted = augment.build_transform(64, ["crop"])(jpg, _random.Random(1))
     dark = (shifted.max(axis=2) == 0)
     assert dark[:, 0].all() or dark[:, -1].all() or dark[0].all() or dark[-1].all() or np.array_equal(shifted, plain)
 
@@ -332,13 +332,13 @@ def test_augment_is_deterministic_and_each_step_acts():
 def test_decode_reduces_large_jpegs_and_reads_headers():
     big = np.full((200, 120, 3), 128, np.uint8)
     jpg = _jpeg(big)
-    assert data.jpeg_size(jpg) == (120, 200)
-    assert data.jpeg_size(b"not a jpeg") is None
-    assert data.decode_bgr(jpg, at_least=30).shape == (50, 30, 3)   # 1/4 scale: still >= 30 px
-    assert data.decode_bgr(jpg, at_least=48).shape == (100, 60, 3)
-    assert data.build_transform(32)(jpg).shape == (32, 32, 3)
+    assert augment.jpeg_size(jpg) == (120, 200)
+    assert augment.jpeg_size(b"not a jpeg") is None
+    assert augment.decode_bgr(jpg, at_least=30).shape == (50, 30, 3)   # 1/4 scale: still >= 30 px
+    assert augment.decode_bgr(jpg, at_least=48).shape == (100, 60, 3)
+    assert augment.build_transform(32)(jpg).shape == (32, 32, 3)
     with pytest.raises(ValueError, match="not a decodable image"):
-        data.decode_bgr(b"\xff\xd8garbage")
+        augment.decode_bgr(b"\xff\xd8garbage")
 
 
 def test_class_balance_weights():
@@ -400,7 +400,7 @@ def test_tar_reader_long_names_and_corruption(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-        got = list(data.read_tar(str(path)))
+        got = list(shardio.read_tar(str(path)))
         assert [d for _, d in got] == [b"abc", b""]
         assert got[0][0] == (f"{long_key}.jpg" if fmt != tarfile.USTAR_FORMAT else "short/000001.jpg")
     raw = bytearray((tmp_path / f"t{tarfile.PAX_FORMAT}.tar").read_bytes())
@@ -408,11 +408,11 @@ def test_tar_reader_long_names_and_corruption(tmp_path):
         bad = bytearray(raw)
         bad[where] ^= 0xFF
         (tmp_path / "bad.tar").write_bytes(bytes(bad))
-        with pytest.raises(data.ShardError, match=f"bad.tar: {message}"):
-            list(data.read_tar(str(tmp_path / "bad.tar")))
+        with pytest.raises(shardio.ShardError, match=f"bad.tar: {message}"):
+            list(shardio.read_tar(str(tmp_path / "bad.tar")))
     (tmp_path / "cut.tar").write_bytes(bytes(raw[:700]))
-    with pytest.raises(data.ShardError, match="cut.tar: truncated"):
-        list(data.read_tar(str(tmp_path / "cut.tar")))
+    with pytest.raises(shardio.ShardError, match="cut.tar: truncated"):
+        list(shardio.read_tar(str(tmp_path / "cut.tar")))
 
 
 def test_read_tar_member_sizes_around_the_block(tmp_path):
@@ -425,24 +425,24 @@ def test_read_tar_member_sizes_around_the_block(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    assert dict(data.read_tar(str(path))) == payloads
+    assert dict(shardio.read_tar(str(path))) == payloads
     raw = path.read_bytes()
     (tmp_path / "cut.tar").write_bytes(raw[:512 + 512 + 10])  # inside the 1-byte member's padding
-    with pytest.raises(data.ShardError, match="cut.tar: truncated member"):
-        list(data.read_tar(str(tmp_path / "cut.tar")))
+    with pytest.raises(shardio.ShardError, match="cut.tar: truncated member"):
+        list(shardio.read_tar(str(tmp_path / "cut.tar")))
 
 
 def test_hash_draws_are_deterministic_uniform_and_chained():
-    a = data.HashDraws("aug", 1, 0, "train/src/v/000001", 0)
-    b = data.HashDraws("aug", 1, 0, "train/src/v/000001", 0)
+    a = augment.HashDraws("aug", 1, 0, "train/src/v/000001", 0)
+    b = augment.HashDraws("aug", 1, 0, "train/src/v/000001", 0)
     first = [a.random() for _ in range(40)]  # more than one digest's 8 words
     assert first == [b.random() for _ in range(40)]
     assert all(0.0 <= u < 1.0 for u in first) and len(set(first)) == 40
     for other in (("aug", 1, 0, "train/src/v/000001", 1), ("aug", 2, 0, "train/src/v/000001", 0),
                   ("aug", 1, 1, "train/src/v/000001", 0), ("aug", 1, 0, "train/src/v/000002", 0)):
-        assert data.HashDraws(*other).random() != first[0]
+        assert augment.HashDraws(*other).random() != first[0]
     # uniform and randint as random.Random's: bounds kept, every value reached about equally often
-    draws = [data.HashDraws("t", i) for i in range(4000)]
+    draws = [augment.HashDraws("t", i) for i in range(4000)]
     ints = Counter(d.randint(-2, 2) for d in draws)
     assert set(ints) == {-2, -1, 0, 1, 2} and all(650 <= c <= 950 for c in ints.values())  # 800 expected
     us = np.array([d.uniform(0.7, 1.3) for d in draws])

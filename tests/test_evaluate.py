@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 import ferflow
-from ferflow import evaluate, metrics, schemas
+from ferflow import abaw, ensemble, evaluate, metrics, schemas, truth
 from ferflow.labels import EXPRESSIONS
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -83,7 +83,7 @@ def test_ground_truth_scores_written_and_no_face_frames_only():
         {"video": "v", "frame": 7, "expression": 0, "valence": 0.5},  # arousal missing: no VA
         {"video": "w", "frame": 0, "expression": 4, "split": "train"},
     ])
-    gt = evaluate.ground_truth_from_accounting(acc, "validation")
+    gt = truth.ground_truth_from_accounting(acc, "validation")
     table = gt.frame_table()
     assert table["frame"].to_list() == [0, 1, 6, 7]
     assert table["expression"].to_list() == [1, 2, None, 0]
@@ -96,11 +96,11 @@ def test_ground_truth_scores_written_and_no_face_frames_only():
 
 def test_ground_truth_errors_name_the_problem():
     acc = accounting([{"video": "v", "frame": 0, "expression": 1}])
-    with pytest.raises(evaluate.EvaluationError, match=r"acc\.parquet: no ground-truth rows for split 'test'.*validation"):
-        evaluate.ground_truth_from_accounting(acc, "test", where="acc.parquet")
+    with pytest.raises(truth.EvaluationError, match=r"acc\.parquet: no ground-truth rows for split 'test'.*validation"):
+        truth.ground_truth_from_accounting(acc, "test", where="acc.parquet")
     dup = accounting([{"video": "v", "frame": 3, "expression": 1}, {"video": "v", "frame": 3, "expression": 2}])
-    with pytest.raises(evaluate.EvaluationError, match="duplicate scored frames.*video='v' frame=3"):
-        evaluate.ground_truth_from_accounting(dup, "validation")
+    with pytest.raises(truth.EvaluationError, match="duplicate scored frames.*video='v' frame=3"):
+        truth.ground_truth_from_accounting(dup, "validation")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,13 +111,13 @@ def test_fill_interpolates_by_frame_copies_ends_and_gives_empty_videos_uniform()
     rows = [{"video": "A", "frame": f, "expression": 0} for f in range(10)]
     rows += [{"video": "B", "frame": f, "expression": 0, "status": "dropped", "reason": "no_face"} for f in range(4)]
     rows += [{"video": "C", "frame": f, "expression": 0} for f in (0, 10, 20)]
-    gt = evaluate.ground_truth_from_accounting(accounting(rows), "validation")
+    gt = truth.ground_truth_from_accounting(accounting(rows), "validation")
     # A: predicted at 2, 5 and 12 (12 is not scored but still anchors frames 6..9); C: only at 10
     pred = pl.concat([
         predictions("A", [12, 2, 5], [onehot(2), onehot(0), onehot(1)], [[1, 1], [0, 0], [0.3, -0.6]]),
         predictions("C", [10], [onehot(3)], [[0.5, 0.5]]),
     ])
-    a = evaluate.align(gt, pred)
+    a = ensemble.align(gt, pred)
 
     expected_p = []
     expected_va = []
@@ -147,13 +147,13 @@ def test_fill_interpolates_by_frame_copies_ends_and_gives_empty_videos_uniform()
 
 
 def test_fill_uses_separate_anchors_for_null_va_and_reports_unmatched_rows():
-    gt = evaluate.ground_truth_from_accounting(
+    gt = truth.ground_truth_from_accounting(
         accounting([{"video": "A", "frame": f, "expression": 0} for f in range(3)]), "validation"
     )
     pred = predictions("A", [0, 2], [onehot(0), onehot(1)], [[0.2, 0.2], [0.4, 0.4]])
     pred = pred.with_columns(valence=pl.when(pl.col("frame") == 2).then(None).otherwise(pl.col("valence")))
     pred = pl.concat([pred, predictions("elsewhere", [0], [onehot(5)], [[0, 0]])])
-    a = evaluate.align(gt, pred)
+    a = ensemble.align(gt, pred)
     np.testing.assert_allclose(a.probs[1], (onehot(0) + onehot(1)) / 2, atol=1e-6)
     np.testing.assert_allclose(a.va, [[0.2, 0.2]] * 3, atol=1e-6)  # frame 2's VA is null: not an anchor
     assert a.filled.tolist() == [False, True, False]
@@ -181,8 +181,8 @@ def test_fill_matches_a_per_video_np_interp_reference_on_shuffled_input(seed):
     parts.append(predictions("not-scored", [0, 1], np.ones((2, 8)), np.zeros((2, 2))))
     pred = pl.concat(parts)
     pred = pred[rng.permutation(pred.height)]  # any row order
-    gt = evaluate.ground_truth_from_accounting(accounting(rows), "validation")
-    a = evaluate.align(gt, pred)
+    gt = truth.ground_truth_from_accounting(accounting(rows), "validation")
+    a = ensemble.align(gt, pred)
     want, want_filled = [], []
     for key in sorted(expected):  # (source, video) order, as the ground truth is sorted
         f, p = expected[key]
@@ -202,25 +202,25 @@ def test_fill_matches_a_per_video_np_interp_reference_on_shuffled_input(seed):
     outs = []
     for chunk in (7, 1000):
         out = np.empty((300, 3), np.float32)
-        ex, nv = evaluate.fill_columns(ak, None, [av[:, j] for j in range(3)], key, np.zeros(3, np.float32), out, chunk)
+        ex, nv = ensemble.fill_columns(ak, None, [av[:, j] for j in range(3)], key, np.zeros(3, np.float32), out, chunk)
         outs.append((out, ex, nv))
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
     np.testing.assert_array_equal(outs[0][2], outs[1][2])
-    values, exact, no_video = evaluate.interpolate_rows(ak, av, key, np.zeros(3, np.float32))
+    values, exact, no_video = ensemble.interpolate_rows(ak, av, key, np.zeros(3, np.float32))
     np.testing.assert_array_equal(values, outs[0][0])
     assert exact.sum() == 40  # every anchor is one of the keys
     np.testing.assert_array_equal(no_video, outs[0][2])
 
 
 def test_align_rejects_duplicates_and_foreign_videos():
-    gt = evaluate.ground_truth_from_accounting(accounting([{"video": "A", "frame": 0, "expression": 0}]), "validation")
+    gt = truth.ground_truth_from_accounting(accounting([{"video": "A", "frame": 0, "expression": 0}]), "validation")
     dup = predictions("A", [0, 0], [onehot(0), onehot(1)], [[0, 0], [0, 0]])
-    with pytest.raises(evaluate.EvaluationError, match="x.parquet: 1 duplicate predicted frames"):
-        evaluate.align(gt, dup, "x.parquet")
+    with pytest.raises(truth.EvaluationError, match="x.parquet: 1 duplicate predicted frames"):
+        ensemble.align(gt, dup, "x.parquet")
     foreign = predictions("Z", [0], [onehot(0)], [[0, 0]])
-    with pytest.raises(evaluate.EvaluationError, match="x.parquet: none of its 1 rows belongs to a video"):
-        evaluate.align(gt, foreign, "x.parquet")
+    with pytest.raises(truth.EvaluationError, match="x.parquet: none of its 1 rows belongs to a video"):
+        ensemble.align(gt, foreign, "x.parquet")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_align_rejects_duplicates_and_foreign_videos():
 
 
 def _gt_one_frame(n=1):
-    return evaluate.ground_truth_from_accounting(
+    return truth.ground_truth_from_accounting(
         accounting([{"video": "A", "frame": f, "expression": 1, "valence": 0.0, "arousal": 0.0} for f in range(n)]),
         "validation",
     )
@@ -240,9 +240,9 @@ def test_soft_vote_averages_probabilities_not_logits():
     # summing logits (the published code's "soft voting") picks class 0 ...
     assert np.argmax(logits_a + logits_b) == 0
     gt = _gt_one_frame()
-    va = evaluate.align(gt, predictions("A", [0], softmax(logits_a), [[0.2, -0.4]]))
-    vb = evaluate.align(gt, predictions("A", [0], softmax(logits_b), [[0.6, 0.0]]))
-    ens = evaluate.soft_vote([va, vb])
+    va = ensemble.align(gt, predictions("A", [0], softmax(logits_a), [[0.2, -0.4]]))
+    vb = ensemble.align(gt, predictions("A", [0], softmax(logits_b), [[0.6, 0.0]]))
+    ens = ensemble.soft_vote([va, vb])
     # ... the mean of the probabilities, by hand, picks class 1
     e = np.e
     p0 = (e / (e + 7) + 1 / (1 + np.exp(0.5) + 6 * np.exp(-20))) / 2
@@ -262,18 +262,18 @@ def test_weighted_vote_weights_probabilities_and_va_separately():
         "a": predictions("A", [0, 1], pa, [[1.0, 0.0], [0.0, 1.0]]),
         "b": predictions("A", [0, 1], pb, [[0.0, 0.0], [0.0, 0.0]]),
     }
-    ens = evaluate.build_ensemble(gt, preds, weights={"a": 3.0, "b": 1.0}, va_weights={"a": 1.0, "b": 3.0})
+    ens = ensemble.build_ensemble(gt, preds, weights={"a": 3.0, "b": 1.0}, va_weights={"a": 1.0, "b": 3.0})
     np.testing.assert_allclose(ens.probs, (3 * pa + pb) / 4, atol=1e-6)
     # by hand: p0 = 3 * 0.8 / 4 = 0.6, p2 = (3 * 0.2 + 1) / 4 = 0.4: the weights flip the class
     assert ens.probs[0, 0] == pytest.approx(0.6) and ens.probs[0, 2] == pytest.approx(0.4)
     assert ens.probs[0].argmax() == 0
     np.testing.assert_allclose(ens.va, [[0.25, 0.0], [0.0, 0.25]], atol=1e-6)
     # unweighted: plain means
-    plain = evaluate.build_ensemble(gt, preds)
+    plain = ensemble.build_ensemble(gt, preds)
     np.testing.assert_allclose(plain.probs, (pa + pb) / 2, atol=1e-6)
     assert plain.probs[0].argmax() == 2
     # a zero weight drops a variant from that vote only
-    only_a = evaluate.build_ensemble(gt, preds, weights={"b": 0.0})
+    only_a = ensemble.build_ensemble(gt, preds, weights={"b": 0.0})
     np.testing.assert_allclose(only_a.probs, pa, atol=1e-6)
     np.testing.assert_allclose(only_a.va, [[0.5, 0.0], [0.0, 0.5]], atol=1e-6)
 
@@ -287,26 +287,26 @@ def test_smoothing_is_a_centred_mean_within_each_video_by_frame_number():
     frame = np.array([0, 1, 2, 3, 0, 1, 3])  # video 1 lacks frame 2
     key = vid.astype(np.int64) * (1 << 32) + frame
     x = np.array([0, 3, 6, 9, 10, 20, 40], dtype=np.float32)[:, None]
-    np.testing.assert_allclose(evaluate.smooth(key, x, 3)[:, 0], [1.5, 3, 6, 7.5, 15, 15, 40])
-    np.testing.assert_allclose(evaluate.smooth(key, x, 5)[:, 0], [3, 4.5, 4.5, 6, 15, 70 / 3, 30], rtol=1e-6)
-    assert evaluate.smooth(key, x, 1) is x
-    assert evaluate.smooth(key, x, 0) is x
+    np.testing.assert_allclose(ensemble.smooth(key, x, 3)[:, 0], [1.5, 3, 6, 7.5, 15, 15, 40])
+    np.testing.assert_allclose(ensemble.smooth(key, x, 5)[:, 0], [3, 4.5, 4.5, 6, 15, 70 / 3, 30], rtol=1e-6)
+    assert ensemble.smooth(key, x, 1) is x
+    assert ensemble.smooth(key, x, 0) is x
     with pytest.raises(ValueError, match="odd"):
-        evaluate.smooth(key, x, 4)
+        ensemble.smooth(key, x, 4)
 
 
 def test_choose_windows_prefers_the_best_and_then_the_smallest():
     # truth alternates in blocks of 10 frames; predictions are the truth with isolated flips
     n = 200
-    truth = (np.arange(n) // 10) % 2
+    true_class = (np.arange(n) // 10) % 2
     rows = [{"video": "A", "frame": f, "expression": int(t), "valence": float(t), "arousal": 0.0 if f % 2 else 1.0}
-            for f, t in enumerate(truth)]
-    gt = evaluate.ground_truth_from_accounting(accounting(rows), "validation")
-    flip = truth.copy()
+            for f, t in enumerate(true_class)]
+    gt = truth.ground_truth_from_accounting(accounting(rows), "validation")
+    flip = true_class.copy()
     flip[5::10] = 1 - flip[5::10]
     probs = np.array([onehot(int(c)) * 0.8 + 0.1 * onehot(1 - int(c)) + 0.1 * onehot(7) for c in flip])
-    ens = evaluate.align(gt, predictions("A", range(n), probs, np.c_[truth, np.zeros(n)]))
-    w_expr, w_va, search = evaluate.choose_windows(gt, ens, (1, 3, 5, 41))
+    ens = ensemble.align(gt, predictions("A", range(n), probs, np.c_[true_class, np.zeros(n)]))
+    w_expr, w_va, search = ensemble.choose_windows(gt, ens, (1, 3, 5, 41))
     by_w = {s["window"]: s for s in search}
     assert by_w[3]["expr_f1"] > by_w[1]["expr_f1"]
     assert by_w[3]["expr_f1"] == by_w[5]["expr_f1"]  # tie: the smaller window wins
@@ -341,8 +341,8 @@ def test_scores_concatenate_all_videos_and_exclude_invalid_frames():
             rows.append({"video": v, "frame": f, "status": "dropped", "reason": reason,
                          "expression": 0 if reason == "beyond_video_end" else None})
             pa.append(predictions(v, [f], onehot(7), [[-1, 1]]))
-    gt = evaluate.ground_truth_from_accounting(accounting(rows), "validation")
-    m = evaluate.score(gt, evaluate.align(gt, pl.concat(pa)))
+    gt = truth.ground_truth_from_accounting(accounting(rows), "validation")
+    m = ensemble.score(gt, ensemble.align(gt, pl.concat(pa)))
 
     t, p = np.concatenate(truth_va), np.concatenate(pred_va)
     e, pe = np.concatenate(truth_e), np.concatenate(pred_e)
@@ -633,7 +633,7 @@ def test_submission_export_pads_cuts_and_passes_its_checker(tmp_path, capsys):
     (sub / "EXPR" / "v0.txt").write_text("Neutral\n" + "0\n" * 85)
     (sub / "EXPR" / "v1.txt").write_text("Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\n" + "9\n" * 54)
     (sub / "VA" / "v2.txt").unlink()
-    problems = evaluate.check_submission(sub, evaluate.read_frame_counts([counts]), evaluate.read_test_list(test_list))
+    problems = abaw.check_submission(sub, abaw.read_frame_counts([counts]), abaw.read_test_list(test_list))
     assert any(p.startswith("EXPR/v0.txt: first line") for p in problems)
     assert "EXPR/v1.txt: 54 frame lines, the video has 55 frames" in problems
     assert "EXPR/v1.txt: values outside 0..7" in problems

@@ -18,13 +18,9 @@ inference loops borrow the slot instead (``borrow=True``: the images are used wh
 and the slot is given back when the next batch is asked for), which saves the main process a
 copy of every image.
 
-Speed. The image work is a few OpenCV calls per sample on HWC uint8 (:class:`Augment`): JPEGs much
-larger than the input are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, cheaper than a
-full decode); crop and flip are a border copy and a flip (DAN's affine: one ``warpAffine`` for
-all three); colour jitter is one 3x4 colour matrix (:func:`colour_matrix`) applied by one
-``cv2.transform``, which also turns OpenCV's BGR into RGB. Shards are read by a small tar reader
-(:func:`read_tar`). ``bench/loader.py`` compares this with a torchvision folder loader and with
-plain JPEG decoding.
+Speed. The image work is a few OpenCV calls per sample (:class:`ferflow.augment.Augment`), and
+shards are read by a small tar reader (:func:`ferflow.shardio.read_tar`). ``bench/loader.py``
+compares this with a torchvision folder loader and with plain JPEG decoding.
 
 Determinism. For a given seed, epoch and worker count everything is a function of the seed: the
 shard order, which shards each worker reads, the shuffle buffer's generator, the bootstrap counts
@@ -41,9 +37,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import struct
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
@@ -54,15 +49,13 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import schemas
+from .augment import HashDraws, build_transform
 from .labels import EXPR_UNANNOTATED, NUM_EXPRESSIONS
+from .shardio import list_shards, shard_samples
 
-AUGMENTATIONS = ("flip", "crop", "color", "affine", "erase")
+
 SHUFFLE_BUFFER = 2000
 PREFETCH = 4  # batches in flight per loader worker
-
-
-class UnsafeMemberError(ValueError):
-    """A tar member name that could escape the extraction folder (absolute path or ``..``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,60 +87,8 @@ def _seed_for(*parts: object) -> int:
     return _hash64(*parts) & ((1 << 63) - 1)
 
 
-_INV_2_53 = 1.0 / (1 << 53)
-_WORDS = struct.Struct("<8Q")  # a 64-byte digest as 8 words
-
-
-class HashDraws:
-    """A sample's random draws, from a hash of ``parts``: the ``random.Random`` methods that
-    :class:`Augment` uses (``random``, ``uniform``, ``randint``), at a fraction of the cost of
-    seeding a Mersenne Twister for every sample (its 2.5 kB state is rebuilt at each seeding).
-
-    The draws are the 64-bit words of a chain of BLAKE2b digests (last word first): the first
-    digest is that of ``parts``, each next one the digest of the one before. ``random()`` is a
-    word's top 53 bits over 2**53, as ``random.Random`` makes its floats; ``randint(a, b)`` is
-    ``a + floor(random() * (b - a + 1))``, off uniform by at most 2**-53 per value.
-    """
-
-    __slots__ = ("_digest", "_words")
-
-    def __init__(self, *parts: object):
-        self._digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode()).digest()
-        self._words = list(_WORDS.unpack(self._digest))
-
-    def random(self) -> float:
-        if not self._words:  # the next 8 words
-            self._digest = hashlib.blake2b(self._digest).digest()
-            self._words = list(_WORDS.unpack(self._digest))
-        return (self._words.pop() >> 11) * _INV_2_53
-
-    def uniform(self, a: float, b: float) -> float:
-        return a + (b - a) * self.random()
-
-    def randint(self, a: int, b: int) -> int:
-        return a + int(self.random() * (b - a + 1))
-
-
 # --------------------------------------------------------------------------------------------
-# shards and labels
-
-
-def list_shards(shard_dir: str | Path, split: str) -> list[Path]:
-    """The shard tars of ``split``, sorted by name; empty when the split has none."""
-    folder = Path(shard_dir) / split
-    return sorted(folder.glob("shard-*.tar")) if folder.is_dir() else []
-
-
-def check_member_name(name: str, shard: str | Path) -> None:
-    """Raise :class:`UnsafeMemberError` naming ``shard`` for an absolute or ``..`` member name."""
-    if ".." not in name and not name.startswith(("/", "\\")) and "\\" not in name:
-        return  # the common case, without building a path
-    path = PurePosixPath(name)
-    if name.startswith(("/", "\\")) or path.is_absolute() or ".." in path.parts or "\\" in name:
-        raise UnsafeMemberError(
-            f"{shard}: unsafe tar member name {name!r} (absolute path or '..'); "
-            "refusing to read this shard"
-        )
+# labels
 
 
 @dataclass
@@ -243,214 +184,6 @@ def class_balance_weights(expr: np.ndarray, keep: np.ndarray | None = None) -> n
 
 
 # --------------------------------------------------------------------------------------------
-# decoding and augmentation (OpenCV, HWC uint8)
-
-#: Colour jitter (the paper's): torchvision ColorJitter(0.3, 0.3, 0.3, 0.05), with probability 0.8.
-COLOR_JITTER = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.05, "p": 0.8}
-#: Random crop (the paper's, as DAN's RandomCrop(224, padding=32)): a shift of up to 1/7 of the side
-#: in x and y, the uncovered border black.
-CROP_PADDING = 1 / 7
-#: DAN's RandomApply([RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1))], p=0.7).
-AFFINE = {"degrees": 20.0, "translate": 0.2, "scale": (0.8, 1.0), "p": 0.7}
-#: DAN's RandomErasing(p=0.5, scale=(0.02, 0.25)), ratio (0.3, 3.3), on the uint8 image with 0.
-ERASE = {"p": 0.5, "scale": (0.02, 0.25), "ratio": (0.3, 3.3)}
-
-_GREY = np.array([0.299, 0.587, 0.114])  # RGB -> grey, as torchvision (= YIQ's Y)
-_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = np.linalg.inv(_RGB2YIQ)
-# In YIQ, ColorJitter's steps act on Y and on the chroma plane (I, Q) separately; as RGB matrices:
-# the grey projector (Y), the chroma projector (I, Q) and the chroma rotation by 90 degrees.
-_Y_PART, _IQ_PART, _IQ_ROT = (_YIQ2RGB @ m @ _RGB2YIQ for m in (
-    np.diag([1.0, 0, 0]), np.diag([0, 1.0, 1.0]), np.array([[0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])))
-_Y_ROWS, _IQ_ROWS, _ROT_ROWS = (m.tolist() for m in (_Y_PART, _IQ_PART, _IQ_ROT))
-_GREY_RGB = _GREY.tolist()
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}
-
-
-def jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, without decoding; None if not found."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _SOF_MARKERS:
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
-
-
-def decode_bgr(data: bytes, at_least: int = 0) -> np.ndarray:
-    """JPEG (or any image OpenCV reads) -> BGR uint8 HWC. With ``at_least``, a JPEG whose shorter
-    side is at least 2, 4 or 8 times that is decoded at that fraction of its size (DCT scaling)."""
-    factor = 1
-    if at_least:
-        size = jpeg_size(data)
-        if size:
-            while factor < 8 and min(size) // (factor * 2) >= at_least:
-                factor *= 2
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[factor])
-    if img is None:
-        raise ValueError("not a decodable image")
-    return img
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 RGB (3, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(decode_bgr(data)[:, :, ::-1].transpose(2, 0, 1)))
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    ih, iw = img.shape[:2]
-    if (iw, ih) == (size, size):
-        return img
-    shrink = min(iw, ih) / size
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink > 1.25 else cv2.INTER_LINEAR)
-
-
-def colour_matrix(rng: random.Random, mean_grey: float) -> np.ndarray:
-    """ColorJitter as one 3x4 matrix ``[A | b]`` (RGB in, RGB out): ``A x + b``.
-
-    Factors as torchvision draws them: brightness ``f_b``, contrast ``f_c``, saturation ``f_s`` in
-    [0.7, 1.3], hue ``h`` in [-0.05, 0.05]. In YIQ space brightness scales everything, contrast
-    scales everything and moves grey towards the image's mean grey, saturation scales the chroma
-    plane (I, Q) and hue rotates it by ``2 pi h``. Without clipping between the steps, these commute
-    (brightness scales the mean grey that contrast uses too), so torchvision's random order does not
-    matter: grey ``Y -> f_b (f_c Y + (1 - f_c) mean)``, chroma ``-> f_b f_c f_s R(2 pi h) chroma``.
-    Values are clipped once, when the matrix is applied. Hue is YIQ's rotation, not HSV's.
-    """
-    return np.array(_colour_rows(rng, mean_grey, (0, 1, 2)))
-
-
-def _colour_rows(rng, mean_grey: float, columns: tuple[int, int, int]) -> list[list[float]]:
-    """:func:`colour_matrix` as rows of Python floats, its input columns in the order ``columns``
-    (``(2, 1, 0)``: takes BGR in, gives RGB out). Plain floats: numpy's 3x3 arithmetic costs more
-    than the colour transform of a 112 px image."""
-    cj = COLOR_JITTER
-    fb = rng.uniform(1 - cj["brightness"], 1 + cj["brightness"])
-    fc = rng.uniform(1 - cj["contrast"], 1 + cj["contrast"])
-    fs = rng.uniform(1 - cj["saturation"], 1 + cj["saturation"])
-    h = rng.uniform(-cj["hue"], cj["hue"]) * 2 * math.pi
-    grey, chroma = fb * fc, fb * fc * fs
-    cos, sin, offset = chroma * math.cos(h), chroma * math.sin(h), fb * (1 - fc) * mean_grey
-    return [[grey * y[k] + cos * iq[k] + sin * rot[k] for k in columns] + [offset]
-            for y, iq, rot in zip(_Y_ROWS, _IQ_ROWS, _ROT_ROWS)]
-
-
-@dataclass(frozen=True)
-class Augment:
-    """JPEG bytes -> RGB uint8 ``(size, size, 3)``: resized, and augmented when given a generator.
-
-    ``augment`` lists what :data:`AUGMENTATIONS` names: ``crop`` a random crop (a shift of up to
-    1/7 of the side, as DAN's RandomCrop(224, padding=32)), ``flip`` a horizontal flip (p 0.5),
-    ``color`` colour jitter (p 0.8, :func:`colour_matrix`), DAN's ``affine`` (rotation 20 degrees,
-    translation 0.2, scale 0.8-1; p 0.7) and ``erase`` (p 0.5; 2-25% of the image set to 0), in
-    that order, as torchvision would apply them. Without a generator (evaluation) the image is only
-    resized. ``out``: an array to write the result into (e.g. a slot of the batch).
-    """
-
-    size: int
-    augment: tuple[str, ...] = ()
-
-    def __call__(self, data: bytes, rng: random.Random | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        s = self.size
-        aug = self.augment if rng is not None else ()
-        img = _resize(decode_bgr(data, at_least=s), s)
-        if out is None:
-            out = np.empty((s, s, 3), np.uint8)
-        # the draws, always in this order (a sample's augmentation depends on its generator only)
-        shift = self._shift(rng) if "crop" in aug else (0, 0)
-        flip = "flip" in aug and rng.random() < 0.5
-        colour = "color" in aug and rng.random() < COLOR_JITTER["p"]
-        affine = self._affine(rng) if "affine" in aug and rng.random() < AFFINE["p"] else None
-        if affine is not None:
-            # crop, flip and the affine as one warp; colour first, so that the border stays black
-            img = self._colour(img, rng) if colour else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-            m = affine @ self._shift_flip_matrix(shift, flip)
-            cv2.warpAffine(img, m[:2], (s, s), dst=out, flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        else:
-            if flip:
-                img = cv2.flip(img, 1)
-            if shift != (0, 0):
-                img = self._translate(img, *shift)
-            if colour:
-                self._colour(img, rng, out)
-            else:
-                cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=out)
-        if "erase" in aug and rng.random() < ERASE["p"]:
-            self._erase(out, rng)
-        return out
-
-    def _shift(self, rng: random.Random) -> tuple[int, int]:
-        p = round(self.size * CROP_PADDING)
-        return rng.randint(-p, p), rng.randint(-p, p)
-
-    @staticmethod
-    def _translate(img: np.ndarray, dx: int, dy: int) -> np.ndarray:
-        h, w = img.shape[:2]
-        window = img[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
-        return cv2.copyMakeBorder(window, max(0, dy), max(0, -dy), max(0, dx), max(0, -dx),
-                                  cv2.BORDER_CONSTANT, value=0)
-
-    def _shift_flip_matrix(self, shift: tuple[int, int], flip: bool) -> np.ndarray:
-        m = np.array([[1.0, 0, shift[0]], [0, 1.0, shift[1]], [0, 0, 1]])
-        if flip:
-            m = m @ np.array([[-1.0, 0, self.size - 1], [0, 1, 0], [0, 0, 1]])
-        return m
-
-    def _affine(self, rng: random.Random) -> np.ndarray:
-        s = self.size
-        angle = rng.uniform(-AFFINE["degrees"], AFFINE["degrees"])
-        scale = rng.uniform(*AFFINE["scale"])
-        t = AFFINE["translate"] * s
-        tx, ty = round(rng.uniform(-t, t)), round(rng.uniform(-t, t))
-        m = np.vstack([cv2.getRotationMatrix2D(((s - 1) / 2, (s - 1) / 2), angle, scale), [0, 0, 1]])
-        m[:2, 2] += (tx, ty)
-        return m
-
-    @staticmethod
-    def _colour(bgr: np.ndarray, rng, out: np.ndarray | None = None) -> np.ndarray:
-        """Colour jitter of a BGR image, RGB out: one ``cv2.transform`` with the 3x4 matrix of
-        :func:`colour_matrix` (its columns reordered to take BGR)."""
-        small = cv2.resize(bgr, (16, 16), interpolation=cv2.INTER_NEAREST)  # 256 pixels are plenty
-        b, g, r = cv2.mean(small)[:3]
-        grey = _GREY_RGB[0] * r + _GREY_RGB[1] * g + _GREY_RGB[2] * b
-        return cv2.transform(bgr, np.array(_colour_rows(rng, grey, (2, 1, 0)), np.float32), dst=out)
-
-    @staticmethod
-    def _erase(img: np.ndarray, rng: random.Random) -> None:
-        h, w = img.shape[:2]
-        lo, hi = math.log(ERASE["ratio"][0]), math.log(ERASE["ratio"][1])
-        for _ in range(10):
-            target = h * w * rng.uniform(*ERASE["scale"])
-            ratio = math.exp(rng.uniform(lo, hi))
-            eh, ew = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-            if 0 < eh < h and 0 < ew < w:
-                i, j = rng.randint(0, h - eh), rng.randint(0, w - ew)
-                img[i:i + eh, j:j + ew] = 0
-                return
-
-
-def build_transform(input_size: int, augment: Sequence[str] = ()) -> Augment:
-    """The per-sample image function: JPEG bytes (+ a generator when augmenting) -> RGB HWC uint8."""
-    unknown = [a for a in augment if a not in AUGMENTATIONS]
-    if unknown:
-        raise ValueError(f"unknown augmentations {unknown}; valid: {', '.join(AUGMENTATIONS)}")
-    return Augment(int(input_size), tuple(augment))
-
-
-# --------------------------------------------------------------------------------------------
 # the stream
 
 
@@ -479,111 +212,6 @@ class DataPosition:
     @classmethod
     def start(cls, epoch: int, workers: int) -> "DataPosition":
         return cls(epoch, [0] * max(1, workers), 0)
-
-
-class ShardError(ValueError):
-    """A shard that is not a readable tar file (truncated, corrupt header)."""
-
-
-def _octal(field: bytes, url, offset: int) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise ShardError(f"{url}: corrupt tar header at byte {offset}") from None
-
-
-def _pax_path(records: bytes, url, offset: int) -> str | None:
-    """The ``path`` of a PAX extended header (records ``<length> <key>=<value>`` and a newline)."""
-    path, i = None, 0
-    try:
-        while i < len(records):
-            space = records.find(b" ", i)
-            if space < 0:
-                break
-            length = int(records[i:space])
-            if length <= 0:
-                raise ValueError("bad record length")
-            key, _, value = records[space + 1:i + length - 1].partition(b"=")
-            if key == b"path":
-                path = value.decode("utf-8")
-            i += length
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{url}: corrupt PAX header at byte {offset} ({exc})") from None
-    return path
-
-
-def read_tar(url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file of a tar, in order; names checked with
-    :func:`check_member_name`. A small reader of ustar/GNU/PAX headers (long names from PAX
-    ``path`` or GNU ``L`` records): several times faster than ``tarfile`` per member, which
-    matters for shards of small JPEGs. Corrupt headers (bad checksum) raise :class:`ShardError`."""
-    with open(url, "rb", buffering=1 << 20) as fh:
-        offset = 0
-        long_name: str | None = None
-        while True:
-            header = fh.read(512)
-            if len(header) < 512 or header == bytes(512):
-                if 0 < len(header) < 512:
-                    raise ShardError(f"{url}: truncated tar header at byte {offset}")
-                return
-            stored = _octal(header[148:156], url, offset)
-            if stored != sum(header) - sum(header[148:156]) + 256:  # the checksum field counts as spaces
-                raise ShardError(f"{url}: corrupt tar header at byte {offset} (checksum)")
-            size = _octal(header[124:136], url, offset)
-            kind = header[156:157]
-            padded = size + (-size) % 512
-            payload = fh.read(padded)  # the data and the padding to the next header, in one read
-            if len(payload) < padded:
-                raise ShardError(f"{url}: truncated member at byte {offset}")
-            if padded != size:
-                payload = payload[:size]
-            at, offset = offset, offset + 512 + padded
-            try:
-                if kind == b"x":
-                    long_name = _pax_path(payload, url, at) or long_name
-                    continue
-                if kind == b"L":
-                    long_name = payload.rstrip(b"\0").decode("utf-8")
-                    continue
-                if kind in (b"g", b"K"):
-                    continue
-                name = long_name
-                long_name = None
-                if name is None:
-                    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                    prefix = header[345:500].split(b"\0", 1)[0]
-                    if header[257:262] == b"ustar" and prefix:
-                        name = prefix.decode("utf-8") + "/" + name
-            except UnicodeDecodeError:
-                raise ShardError(f"{url}: member name at byte {at} is not UTF-8") from None
-            check_member_name(name, url)
-            if kind in (b"0", b"\0", b"7"):
-                yield name, payload
-
-
-def shard_samples(url: str) -> Iterator[dict]:
-    """The samples of one shard, as WebDataset groups them: consecutive members sharing a key
-    (the name up to the first dot of its base name) form ``{"__key__", "__url__", ext: bytes}``,
-    extensions lower-cased; members without an extension are skipped, a repeated one is an error."""
-    sample: dict | None = None
-    for name, payload in read_tar(url):
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        if dot <= slash:
-            continue
-        key, ext = name[:dot], name[dot + 1:].lower()
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
-        elif ext in sample:
-            raise ValueError(f"{url}: duplicate member {name!r}")
-        sample[ext] = payload
-    if sample is not None:
-        yield sample
 
 
 @dataclass

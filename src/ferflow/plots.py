@@ -157,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ensemble and args.accounting:
         import polars as pl
 
-        from . import evaluate, schemas
+        from . import schemas, truth
 
-        gt = evaluate.load_ground_truth(args.accounting, result["split"])
+        gt = truth.load_ground_truth(args.accounting, result["split"])
         ens = schemas.read_table(args.ensemble, schemas.PREDICTIONS)
         joined = gt.frame_table().with_row_index("_row").join(ens, on=["source", "video", "frame"], how="inner")
         joined = joined.filter(pl.Series(gt.va_mask[joined["_row"].to_numpy()]))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import data, devices, metrics
+from . import data, devices, metrics, shardio
 from .atomic import atomic_path, write_text
 from .predict import autocast, infer, to_device
 
@@ -142,10 +142,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_data(shards: str | Path, settings: dict, train_split: str, val_split: str):
     """Label indexes of the training split and (when it has shards) the validation split."""
     labels = data.read_labels(shards)
-    if not data.list_shards(shards, train_split):
+    if not shardio.list_shards(shards, train_split):
         raise FileNotFoundError(f"{Path(shards) / train_split}: no shard-*.tar files to train on")
     train_index = data.label_index(labels, train_split, int(settings["frame_step"]))
-    val_index = data.label_index(labels, val_split) if data.list_shards(shards, val_split) else None
+    val_index = data.label_index(labels, val_split) if shardio.list_shards(shards, val_split) else None
     return train_index, val_index
 
 
