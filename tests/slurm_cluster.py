@@ -12,7 +12,7 @@ with it set and with a folder of wrappers first on ``PATH``:
 - ``sbatch`` appends its arguments, as one JSON list per line, to ``sbatch_calls.jsonl``, so tests
   can check what the executor asked for (``--gpus=1``, ``-p gpu``, ...).
 
-See ``../shared/docs/slurm.md`` for what was checked on this kind of machine. Debian packages:
+See ``docs/test-cluster.md`` for what was checked on this kind of machine. Debian packages:
 slurmctld slurmd slurm-client munge (installed in CI by ``.ci/system-deps``).
 """
 

@@ -4,7 +4,7 @@ One manifest row per annotated frame (videos) or annotated face of an image (ima
 labels already mapped into the ABAW space. Rows that can never be used keep their place in the
 manifest with a ``drop`` reason, so that the accounting can show where every annotated frame went.
 
-Kinds (native layouts in ``shared/docs/formats.md``):
+Kinds (native layouts in ``docs/formats.md``):
 
 - ``affwild2``: EXPR/VA txt files per video (two-person ``_left``/``_right`` files); a ``test_list``
   adds one placeholder row per test video (frame :data:`WHOLE_VIDEO`, split ``test``, no labels):

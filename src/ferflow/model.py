@@ -1,6 +1,6 @@
 """The extended DAN (Distract your Attention Network) of the paper, as one ``nn.Module``.
 
-Layer by layer as yaoing/DAN ``networks/dan.py`` (see ``docs/method.md`` of the shared notes):
+Layer by layer as yaoing/DAN ``networks/dan.py`` (see ``docs/method.md``):
 
 - ``features``: a torchvision ResNet cut before its pooling/fc (``children()[:-2]``), so the
   state-dict keys are DAN's (``features.0.weight`` = conv1, ``features.1`` = bn1,
