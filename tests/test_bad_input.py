@@ -53,7 +53,7 @@ def corpus(tmp_path_factory):
     err = io.StringIO()
     stderr, sys.stderr = sys.stderr, err  # extraction reports unreadable videos on stderr
     try:
-        rows = run_pipeline([s for s, _ in built], root / "out")
+        rows = run_pipeline([s for s, _ in built], root / "out", on_unusable="skip")
     finally:
         sys.stderr = stderr
     return root, built, rows, err.getvalue()

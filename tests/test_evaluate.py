@@ -37,7 +37,7 @@ def accounting(rows) -> pl.DataFrame:
     full = []
     for r in rows:
         r = {"source": "aw", "split": "validation", "expression": None, "valence": None, "arousal": None,
-             "status": "written", "reason": None, "key": None, **r}
+             "status": "written", "reason": None, "key": None, "expr_fate": None, "va_fate": None, **r}
         full.append(r)
     return schemas.conform(pl.DataFrame(full, schema_overrides=schemas.ACCOUNTING), schemas.ACCOUNTING, "test")
 

@@ -157,6 +157,7 @@ def test_image_chunk_crops_given_boxes_and_counts_bad_ones(tmp_path):
         "expression": [1] * len(rows), "valence": None, "arousal": None,
         "box_x0": [r[1][0] for r in rows], "box_y0": [r[1][1] for r in rows],
         "box_x1": [r[1][2] for r in rows], "box_y1": [r[1][3] for r in rows], "drop": None,
+        "expr_status": "usable", "va_status": None,
     }, schema=MANIFEST)
     table = extract.extract_images(manifest, "chunk000", ExtractSettings(), str(tmp_path / "c.tar"), str(tmp_path / "c.parquet"))
     assert table.sort("frame")["status"].to_list() == ["provided", "provided", "unreadable", "bad_box", "bad_box"]

@@ -7,7 +7,8 @@ import pytest
 
 from ferflow import index, layout
 from ferflow.labels import EXPR_HEADER, VA_HEADER
-from ferflow.schemas import MANIFEST, read_table
+from ferflow.schemas import ISSUES, MANIFEST, read_table
+from test_accounting import BRIGHT, write_video
 
 
 def write(path, text, mode="w", encoding="utf-8"):
@@ -21,8 +22,8 @@ def write(path, text, mode="w", encoding="utf-8"):
 def affwild2(tmp_path):
     root = tmp_path / "aw"
     (root / "videos").mkdir(parents=True)
-    for v in ("vidA.mp4", "pair.avi"):
-        (root / "videos" / v).write_bytes(b"")  # indexing pairs names; it never decodes
+    for v in ("vidA.avi", "pair.avi"):  # indexing opens each video (probe_video) and decodes at most one frame
+        write_video(root / "videos" / v, [BRIGHT] * 2)
     e = root / "EXPR_Classification_Challenge"
     va = root / "VA_Estimation_Challenge"
     write(e / "Train_Set" / "vidA.txt", EXPR_HEADER + "\n0\n4\n-1\n9\nx\n7\n")
@@ -45,6 +46,12 @@ def test_affwild2_rows_labels_and_reasons(affwild2):
     assert a["valence"].to_list()[3] == pytest.approx(0.2)
     # frame 2: EXPR -1 and VA -5 -> unannotated; frame 4: 'x' and nan -> invalid_value
     assert a["drop"].to_list() == [None, None, "unannotated", None, "invalid_value", None, None]
+    # each task's label has its own fate: frame 3's EXPR 9 and frame 5's VA 1.5 are invalid though
+    # the frame is kept for the other task; frame 6 has no EXPR line at all
+    assert a["expr_status"].to_list() == ["usable", "usable", "unannotated", "invalid_value", "invalid_value",
+                                          "usable", None]
+    assert a["va_status"].to_list() == ["usable", "unannotated", "unannotated", "usable", "invalid_value",
+                                        "invalid_value", "usable"]
     pair = df.filter(pl.col("unit") == "pair").sort("video", "frame")
     assert pair["video"].to_list() == ["pair_left", "pair_left", "pair_right"]
     assert pair["person"].to_list() == ["left", "left", "right"]
@@ -62,11 +69,24 @@ def test_affwild2_wrong_header_and_empty_file_name_the_file(affwild2):
         index.index_source({"name": "aw", "kind": "affwild2", "root": str(affwild2)})
 
 
-def test_annotation_without_video_is_counted_not_lost(affwild2):
-    write(affwild2 / "EXPR_Classification_Challenge" / "Train_Set" / "ghost_left.txt", EXPR_HEADER + "\n1\n1\n")
-    df = index.index_source({"name": "aw", "kind": "affwild2", "root": str(affwild2)})
+def test_annotation_without_video_stops_the_index_or_is_counted_when_skipped(affwild2):
+    ghost_file = write(affwild2 / "EXPR_Classification_Challenge" / "Train_Set" / "ghost_left.txt",
+                       EXPR_HEADER + "\n1\n1\n")
+    src = {"name": "aw", "kind": "affwild2", "root": str(affwild2)}
+    with pytest.raises(index.UnusableInputError, match=rf"no video file 'ghost_left' under .*videos "
+                                                      rf"\(annotated by {ghost_file}\)"):
+        index.index_source(src)
+    issues = []
+    df = index.index_source(src, "skip", issues)
     ghost = df.filter(pl.col("video") == "ghost_left")
     assert ghost.height == 2 and set(ghost["drop"]) == {"no_video"}
+    (missing,) = [i for i in issues if i["reason"] == "no_video"]
+    assert missing["split"] == "train" and str(ghost_file) in missing["text"]
+    # the invalid lines of vidA, each with its file, 1-based line number (the header is line 1) and text
+    vid_a = affwild2 / "EXPR_Classification_Challenge" / "Train_Set" / "vidA.txt"
+    va_a = affwild2 / "VA_Estimation_Challenge" / "Train_Set" / "vidA.txt"
+    assert sorted((i["file"], i["line"], i["text"]) for i in issues if i["reason"] == "invalid_value") == sorted([
+        (str(vid_a), 5, "9"), (str(vid_a), 6, "x"), (str(va_a), 6, "nan,0.1"), (str(va_a), 7, "1.5,0")])
 
 
 def test_layout_listing_matches_disk(affwild2):

@@ -49,6 +49,8 @@ def manifest_rows(source, split, unit, video, frames, drop=None):
         "source": source, "split": split, "unit": unit, "video": video, "frame": frames, "person": "",
         "path": "x", "expression": [f % 8 for f in frames], "valence": [0.1] * n, "arousal": [0.2] * n,
         "box_x0": None, "box_y0": None, "box_x1": None, "box_y1": None, "drop": drop,
+        "expr_status": "unannotated" if drop == "unannotated" else "usable",
+        "va_status": "unannotated" if drop == "unannotated" else "usable",
     }, schema=MANIFEST)
 
 
@@ -149,7 +151,7 @@ def test_keys_are_stable_when_data_is_added(tmp_path):
                     got[m.name[: -len(".jpg")]] = tar.extractfile(m).read()
         return got
 
-    before = run_pipeline(sources, tmp_path / "a", samples_per_shard=3, seed=5)
+    before = run_pipeline(sources, tmp_path / "a", samples_per_shard=3, seed=5, on_unusable="skip")
     old_labels = read_table(tmp_path / "a" / "shards" / "labels.parquet", LABELS)
     old_crops = crops(tmp_path / "a")
     # more data: ExpW images sorting before and after the old ones (same chunks), a new face of an
@@ -165,7 +167,7 @@ def test_keys_are_stable_when_data_is_added(tmp_path):
     aw = data / "affwild2"
     write_video(aw / "videos" / "vid0.avi", [BRIGHT] * 4)
     write_text(aw / "EXPR_Classification_Challenge" / "Train_Set" / "vid0.txt", EXPR_HEADER + "\n1\n2\n3\n4\n")
-    after = run_pipeline(sources, tmp_path / "b", samples_per_shard=3, seed=5)
+    after = run_pipeline(sources, tmp_path / "b", samples_per_shard=3, seed=5, on_unusable="skip")
     new_labels = read_table(tmp_path / "b" / "shards" / "labels.parquet", LABELS)
     assert new_labels.height > old_labels.height and after.height > before.height
     cols = ["key", "split", "source", "video", "frame", "expression", "valence", "arousal"]

@@ -2,6 +2,7 @@
 splits from config, and test lists; each on small copies written here in the native layout."""
 
 import json
+import re
 import unicodedata
 
 import cv2
@@ -12,6 +13,7 @@ import pytest
 from ferflow import index, layout
 from ferflow.labels import EXPR_HEADER, VA_HEADER
 from ferflow.schemas import WHOLE_VIDEO
+from test_accounting import BRIGHT, write_video
 
 
 def write(path, text):
@@ -114,16 +116,27 @@ def test_label_map_from_config_and_unmapped(affectnet_npy):
         index.index_source({**src, "label_map": {"1": "Happy"}})
 
 
-def test_same_image_in_two_splits_is_kept_once(tmp_path):
+def test_same_image_in_two_splits_is_an_error_naming_both_files(tmp_path):
     root = tmp_path / "an"
     header = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
-    write(root / "Manually_Annotated_file_lists" / "training.csv",
-          header + "1/a.jpg,0,0,9,9,,1,0.1,0.1\n1/a.jpg,0,0,9,9,,1,0.1,0.1\n1/c.jpg,,,,,,1,0.1,0.1\n")
-    write(root / "Manually_Annotated_file_lists" / "validation.csv", header + "1/a.jpg,0,0,9,9,,2,0.1,0.1\n")
+    training = write(root / "Manually_Annotated_file_lists" / "training.csv",
+                     header + "1/a.jpg,0,0,9,9,,1,0.1,0.1\n1/a.jpg,0,0,9,9,,1,0.1,0.1\n1/c.jpg,,,,,,1,0.1,0.1\n")
+    validation = write(root / "Manually_Annotated_file_lists" / "validation.csv", header + "1/b.jpg,0,0,9,9,,2,0.1,0.1\n")
+    # within one split the same face again is a duplicate: kept once
     df = index.index_source({"name": "an", "kind": "affectnet", "root": str(root)})
-    a = df.filter(pl.col("video") == "1/a.jpg")
-    assert a["drop"].to_list() == [None, "duplicate", "duplicate"]
+    assert df.filter(pl.col("video") == "1/a.jpg")["drop"].to_list() == [None, "duplicate"]
     assert df.filter(pl.col("video") == "1/c.jpg")["drop"].to_list() == ["bad_box"]   # no box in the csv
+    # in two splits: a split leak, an error naming both lists and lines (line 1 is the header)
+    write(validation, header + "1/b.jpg,0,0,9,9,,2,0.1,0.1\n1/a.jpg,0,0,9,9,,2,0.1,0.1\n")
+    with pytest.raises(layout.SplitLeakError,
+                       match=rf"(?s)1 image\(s\) listed in two splits.*'1/a\.jpg' in train \({re.escape(str(training))}:2\)"
+                             rf" and validation \({re.escape(str(validation))}:3\)"):
+        index.index_source({"name": "an", "kind": "affectnet", "root": str(root)})
+    # a generic table: the same path with two values of its split column
+    image(tmp_path / "g" / "x.jpg")
+    table = write(tmp_path / "g" / "t.csv", "path,expression,split\nx.jpg,Anger,train\nx.jpg,Anger,validation\n")
+    with pytest.raises(layout.SplitLeakError, match=rf"'x\.jpg' in train \({re.escape(str(table))}:2\) and validation \({re.escape(str(table))}:3\)"):
+        index.index_source({"name": "g", "kind": "generic", "root": str(table)})
 
 
 # ---- AI-Hub ---------------------------------------------------------------------------------------
@@ -283,8 +296,8 @@ def test_generic_needs_a_table(tmp_path):
 @pytest.fixture
 def affwild2_with_tests(tmp_path):
     root = tmp_path / "aw"
-    for v in ("train1.mp4", "test1.mp4", "pair.avi"):
-        write(root / "videos" / v, "")
+    for v in ("train1.avi", "test1.avi", "pair.avi"):
+        write_video(root / "videos" / v, [BRIGHT] * 2)
     write(root / "EXPR_Classification_Challenge" / "Train_Set" / "train1.txt", EXPR_HEADER + "\n0\n1\n")
     write(root / "VA_Estimation_Challenge" / "Validation_Set" / "pair_left.txt", VA_HEADER + "\n0.1,0.1\n")
     tests = write(tmp_path / "test_set.txt", "\ufefftest1\r\npair_right.mp4\n\n# a comment\nghost\ntest1\n")
@@ -305,7 +318,10 @@ def test_test_list_becomes_test_split_placeholders(affwild2_with_tests):
         ("pair_right", "right", "test"), ("pair_left", "left", "validation")]
     assert [(a.name, a.split, a.files) for a in units["test1"].annotations] == [("test1", "test", {})]
     assert units["ghost"].video_path is None
-    df = index.index_source({"name": "aw", "kind": "affwild2", "root": str(root), "test_list": str(tests)})
+    src = {"name": "aw", "kind": "affwild2", "root": str(root), "test_list": str(tests)}
+    with pytest.raises(index.UnusableInputError, match=rf"no video file 'ghost' under .* \(annotated by the test list {tests}\)"):
+        index.index_source(src)
+    df = index.index_source(src, "skip")
     test = df.filter(pl.col("split") == "test").sort("video")
     assert test.select("video", "frame", "person", "drop").rows() == [
         ("ghost", WHOLE_VIDEO, "", "no_video"), ("pair_right", WHOLE_VIDEO, "right", None),
@@ -344,7 +360,7 @@ def test_workflow_dry_run_wires_new_kinds_and_extracts_test_videos(affwild2_with
     proc = snakemake(work, "-n", "--printshellcmds", configs=(CONFIG, TINY, extra))
     out = proc.stdout + proc.stderr
     videos = root / "videos"
-    assert f"--video {videos / 'test1.mp4'}" in out        # only in the test list: extracted too
+    assert f"--video {videos / 'test1.avi'}" in out        # only in the test list: extracted too
     assert "--person pair_right=right" in out and "--person pair_left=left" in out
     assert "--person ghost" not in out                    # no video file: no job (counted as no_video)
     for source in ("an8", "ai", "gen"):

@@ -42,8 +42,9 @@ import numpy as np
 import polars as pl
 
 from . import layout
-from .labels import EXPR_HEADER, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER, expression_index
-from .schemas import MANIFEST, WHOLE_VIDEO, write_table
+from .labels import (EXPR_HEADER, EXPR_UNANNOTATED, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER, VA_INVALID_BELOW,
+                     expression_index)
+from .schemas import ISSUES, LABEL_USABLE, MANIFEST, TASKS, WHOLE_VIDEO, write_table
 
 AFFECTNET_MAP = {"0": "Neutral", "1": "Happiness", "2": "Sadness", "3": "Surprise", "4": "Fear",
                  "5": "Disgust", "6": "Anger", "7": "Other"}
@@ -123,11 +124,12 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
     return text.splitlines()
 
 
-def parse_affwild2_file(path: str, task: str) -> tuple[list, list[str | None]]:
-    """Values per frame and a reason per frame (None where the value is usable).
+def read_affwild2_file(path: str, task: str) -> tuple[list, list[str | None], list[str]]:
+    """Values, a reason per frame (None where the value is usable) and the lines as read.
 
-    EXPR: one int per line, -1 = not annotated. VA: ``v,a`` per line, a value < -1 (-5) = not
-    annotated. Unparsable, NaN or out-of-range values are ``invalid_value``.
+    EXPR: one int per line, -1 = not annotated. VA: ``v,a`` per line, a finite value < -1 (-5) = not
+    annotated. Unparsable, NaN, infinite or out-of-range values and a wrong number of fields are
+    ``invalid_value``. Line i of the lists is line i + 2 of the file (after the header).
     """
     lines = read_text_lines(path)
     header = EXPR_HEADER if task == "expr" else VA_HEADER
@@ -144,6 +146,12 @@ def parse_affwild2_file(path: str, task: str) -> tuple[list, list[str | None]]:
         value, reason = (_parse_expr if task == "expr" else _parse_va)(line.strip())
         values.append(value)
         reasons.append(reason)
+    return values, reasons, body
+
+
+def parse_affwild2_file(path: str, task: str) -> tuple[list, list[str | None]]:
+    """Values per frame and a reason per frame (None where usable); see :func:`read_affwild2_file`."""
+    values, reasons, _ = read_affwild2_file(path, task)
     return values, reasons
 
 
@@ -152,7 +160,7 @@ def _parse_expr(text: str):
         v = int(text)
     except ValueError:
         return None, "invalid_value"
-    if v == -1:
+    if v == EXPR_UNANNOTATED:
         return None, "unannotated"
     if not 0 <= v < NUM_EXPRESSIONS:
         return None, "invalid_value"
@@ -165,12 +173,12 @@ def _parse_va(text: str):
         v, a = (float(p) for p in parts) if len(parts) == 2 else (None, None)
     except ValueError:
         v = a = None
-    if v is None or math.isnan(v) or math.isnan(a):
-        return None, "invalid_value"
-    if v < -1 or a < -1:
-        return None, "unannotated"
+    if v is None or not (math.isfinite(v) and math.isfinite(a)):
+        return None, "invalid_value"  # also -inf: the "not annotated" marker is a finite -5
     if v > 1 or a > 1:
         return None, "invalid_value"
+    if v < VA_INVALID_BELOW or a < VA_INVALID_BELOW:
+        return None, "unannotated"
     return (v, a), None
 
 
@@ -182,11 +190,65 @@ def _rows(**columns) -> pl.DataFrame:
     return pl.DataFrame(data, schema=MANIFEST)
 
 
-def index_affwild2(source: dict) -> pl.DataFrame:
+class UnusableInputError(ValueError):
+    """Annotated videos that are missing or cannot be decoded (config ``on_unusable_input: stop``);
+    the message names every such file."""
+
+
+ON_UNUSABLE = ("stop", "skip")
+MAX_LISTED = 3  # invalid lines listed per file in the issues' messages
+
+
+def probe_video(path: str) -> str | None:
+    """Why a video file cannot be used, or None: it is missing, empty (0 bytes), OpenCV cannot open
+    its container, or the container reports no frame and its first frame does not decode. Cheap
+    (opens the container, decodes at most one frame): it does not find a frame that fails to
+    decode later in the video."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    import cv2
+
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            return "cannot be opened as a video"
+        if cap.get(cv2.CAP_PROP_FRAME_COUNT) <= 0 and not cap.read()[0]:
+            return "no frame decoded"
+    finally:
+        cap.release()
+    return None
+
+
+def _issue(source: dict, split, task, file, line, reason, text) -> dict:
+    return dict(source=source["name"], split=split, task=task, file=str(file), line=line, reason=reason,
+                text=None if text is None else str(text)[:120] if line is not None else str(text))
+
+
+def index_affwild2(source: dict, issues: list[dict], on_unusable: str = "stop") -> pl.DataFrame:
     tasks = source.get("tasks") or ["expr", "va"]
     test_names = layout.read_test_list(source["test_list"]) if source.get("test_list") else None
     units = layout.affwild2_units(source["root"], source.get("videos"), splits_for(source), tasks,
                                   test_names=test_names)
+    videos = source.get("videos") or str(Path(source["root"]) / "videos")
+    unusable = []  # (split, file, reason, message) of each missing or undecodable video
+    for unit in units:
+        files = [f for a in unit.annotations for f in a.files.values()]
+        named_by = ", ".join(files) if files else f"the test list {source.get('test_list')}"
+        if unit.video_path is None:
+            for a in unit.annotations:
+                by = ", ".join(a.files.values()) or f"the test list {source.get('test_list')}"
+                unusable.append((a.split, f"{videos}/{unit.unit}.*", "no_video",
+                                 f"no video file {unit.unit!r} under {videos} (annotated by {by})"))
+            continue
+        why = probe_video(unit.video_path)
+        if why is not None:
+            for split in sorted({a.split for a in unit.annotations}):
+                unusable.append((split, unit.video_path, "unreadable_video",
+                                 f"{unit.video_path}: {why} (annotated by {named_by})"))
     frames = []
     for unit in units:
         for ann in unit.annotations:
@@ -196,17 +258,29 @@ def index_affwild2(source: dict) -> pl.DataFrame:
                                     frame=[WHOLE_VIDEO], person=ann.person, path=unit.video_path or "",
                                     drop=None if unit.video_path else "no_video"))
                 continue
-            per_task = {t: parse_affwild2_file(f, t) for t, f in ann.files.items()}
+            per_task = {}
+            for t, f in ann.files.items():
+                values, reasons, lines = read_affwild2_file(f, t)
+                per_task[t] = (values, reasons)
+                if not lines:
+                    issues.append(_issue(source, ann.split, t, f, None, "header_only",
+                                         "a header without any line: no frame annotated for this task"))
+                for i, r in enumerate(reasons):
+                    if r == "invalid_value":
+                        issues.append(_issue(source, ann.split, t, f, i + 2, r, lines[i]))
             n = max(len(v) for v, _ in per_task.values())
             expr_v, expr_r = per_task.get("expr", ([], []))
             va_v, va_r = per_task.get("va", ([], []))
             expression, valence, arousal, drop = [], [], [], []
+            status = {"expr": [], "va": []}
             for i in range(n):
                 e = expr_v[i] if i < len(expr_v) else None
                 va = va_v[i] if i < len(va_v) else None
                 expression.append(e)
                 valence.append(None if va is None else va[0])
                 arousal.append(None if va is None else va[1])
+                for t, (_, rs) in (("expr", (expr_v, expr_r)), ("va", (va_v, va_r))):
+                    status[t].append(None if i >= len(rs) else (rs[i] or LABEL_USABLE))
                 if e is None and va is None:
                     rs = {r[i] for _, r in per_task.values() if i < len(r)}
                     drop.append("invalid_value" if "invalid_value" in rs else "unannotated")
@@ -218,7 +292,17 @@ def index_affwild2(source: dict) -> pl.DataFrame:
                 source=source["name"], split=ann.split, unit=unit.unit, video=ann.name,
                 frame=list(range(n)), person=ann.person, path=unit.video_path or "",
                 expression=expression, valence=valence, arousal=arousal, drop=drop,
+                expr_status=status["expr"], va_status=status["va"],
             ))
+    # after the annotation files were read (their errors first): every unusable video at once
+    if unusable and on_unusable == "stop":
+        raise UnusableInputError(
+            f"source {source['name']!r}: {len(unusable)} annotated video(s) missing or unusable (set "
+            "on_unusable_input: skip to leave them out, counted):\n  " + "\n  ".join(m for *_, m in unusable))
+    for split, file, reason, message in unusable:
+        issues.append(_issue(source, split, None, file, None, reason, message))
+    for unit_name, message in layout.shared_videos(units):
+        issues.append(_issue(source, None, None, unit_name, None, "shared_video", message))
     return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
@@ -246,24 +330,27 @@ def image_size(path: str) -> tuple[int, int] | None:
 
 
 def _va_state(v, a) -> tuple[bool, bool]:
-    """(usable, given but invalid) for a valence/arousal pair; a value < -1 (AffectNet's -2) is
-    'not annotated', NaN or > 1 is invalid."""
+    """(usable, given but invalid) for a valence/arousal pair; a finite value < -1 (AffectNet's -2)
+    is 'not annotated'; NaN, infinite or > 1 is invalid."""
     if v is None or a is None:
         return False, False
-    if math.isnan(v) or math.isnan(a) or v > 1 or a > 1:
+    if not (math.isfinite(v) and math.isfinite(a)) or v > 1 or a > 1:
         return False, True
-    return (v >= -1 and a >= -1), False
+    return (v >= VA_INVALID_BELOW and a >= VA_INVALID_BELOW), False
 
 
-def _image_rows(source: dict, split: str, records: list[dict]) -> pl.DataFrame:
+def _image_rows(source: dict, split: str, records: list[dict], issues: list[dict]) -> pl.DataFrame:
     """Rows for image sources. A record: ``rel`` (image path relative to the source), ``face``
     (number of the face in the image, default 0), ``path``, ``box`` (x0, y0, x1, y1), None, or
-    :data:`WHOLE_IMAGE`), native ``expression``, ``valence``, ``arousal``, and optional reasons
-    found by the reader: ``drop`` about the labels (e.g. ``no_consensus``), checked first, and
-    ``box_drop`` (``bad_box``), checked after the labels."""
+    :data:`WHOLE_IMAGE`), native ``expression``, ``valence``, ``arousal`` (a key that is absent: the
+    source does not annotate that task), ``origin`` ((file, line, text) it was read from), and
+    optional reasons found by the reader: ``drop`` about the labels (e.g. ``no_consensus``), checked
+    first, and ``box_drop`` (``bad_box``), checked after the labels. Invalid values are added to
+    ``issues``. The rows carry an extra column ``origin`` ("file:line") for the split check."""
     chunks = int(source.get("chunks") or 1)
+    tasks = source.get("tasks") or ["expr", "va"]
     lmap = label_map_for(source)
-    out = {c: [] for c in MANIFEST}
+    out = {c: [] for c in [*MANIFEST, "origin"]}
     for rec in records:
         video = layout.image_name(rec["rel"])
         native = rec.get("expression")
@@ -272,13 +359,27 @@ def _image_rows(source: dict, split: str, records: list[dict]) -> pl.DataFrame:
         v, a = rec.get("valence"), rec.get("arousal")
         va_ok, va_bad = _va_state(v, a)
         drop = rec.get("drop")
+        status = {"expr": None, "va": None}
+        if "expression" in rec and "expr" in tasks:
+            status["expr"] = drop or ("unannotated" if native is None else
+                                      "unmapped_label" if expr is None else LABEL_USABLE)
+        if "valence" in rec and "va" in tasks:
+            status["va"] = drop or (LABEL_USABLE if va_ok else "invalid_value" if va_bad else "unannotated")
+        if status["expr"] != LABEL_USABLE:
+            expr = None
+        if status["va"] != LABEL_USABLE:
+            va_ok = False
         if drop is None and expr is None and not va_ok:
-            if native is not None:
+            if status["expr"] == "unmapped_label":
                 drop = "unmapped_label"
-            elif va_bad:
+            elif "invalid_value" in status.values():
                 drop = "invalid_value"
             else:
                 drop = "unannotated"  # AffectNet's -2, or no label at all
+        file, line, text = rec.get("origin") or (rec["path"], None, None)
+        for task, st in status.items():
+            if st == "invalid_value":
+                issues.append(_issue(source, split, task, file, line, st, text))
         drop = drop or rec.get("box_drop")
         box = rec.get("box")
         if box == WHOLE_IMAGE:
@@ -288,18 +389,40 @@ def _image_rows(source: dict, split: str, records: list[dict]) -> pl.DataFrame:
                    frame=int(rec.get("face", 0)), person="", path=rec["path"], expression=expr,
                    valence=v if va_ok else None, arousal=a if va_ok else None,
                    box_x0=box[0] if box else None, box_y0=box[1] if box else None,
-                   box_x1=box[2] if box else None, box_y1=box[3] if box else None, drop=drop)
-        for c in MANIFEST:
+                   box_x1=box[2] if box else None, box_y1=box[3] if box else None, drop=drop,
+                   expr_status=status["expr"], va_status=status["va"],
+                   origin=f"{file}:{line}" if line is not None else str(file))
+        for c in out:
             out[c].append(row[c])
-    return pl.DataFrame(out, schema=MANIFEST)
+    return pl.DataFrame(out, schema={**MANIFEST, "origin": pl.String})
 
 
 def mark_duplicates(df: pl.DataFrame) -> pl.DataFrame:
-    """Of the usable rows of one face (same video and frame, also across splits), keep the first;
-    the others are dropped as ``duplicate``. Extraction then sees each face once."""
+    """Of the usable rows of one face (same video and frame) in one split, keep the first; the
+    others are dropped as ``duplicate``. Extraction then sees each face once. (The same image in two
+    splits is an error: :func:`check_image_splits`.)"""
     usable = pl.col("drop").is_null()
     first = pl.int_range(pl.len()).over("video", "frame", usable) == 0
     return df.with_columns(drop=pl.when(usable & ~first).then(pl.lit("duplicate")).otherwise(pl.col("drop")))
+
+
+def check_image_splits(df: pl.DataFrame, source: dict) -> None:
+    """Raise :class:`layout.SplitLeakError` when one image of an image source is listed in two
+    splits (its faces would be trained and evaluated on), naming where each split lists it."""
+    leaks = (df.group_by("video").agg(pl.col("split").n_unique().alias("n"), pl.col("split"), pl.col("origin"))
+             .filter(pl.col("n") > 1).sort("video"))
+    if not leaks.height:
+        return
+    lines = []
+    for video, _, splits, origins in leaks.head(10).iter_rows():
+        firsts = {}
+        for sp, o in zip(splits, origins):
+            firsts.setdefault(sp, o)
+        lines.append(f"{video!r} in " + " and ".join(f"{sp} ({o})" for sp, o in sorted(firsts.items())))
+    more = f"\n  ... and {leaks.height - 10} more" if leaks.height > 10 else ""
+    raise layout.SplitLeakError(f"source {source['name']!r}: split leak: {leaks.height} image(s) listed in "
+                                "two splits (their faces would be trained and evaluated on):\n  "
+                                + "\n  ".join(lines) + more)
 
 
 def _float(text) -> float | None:
@@ -311,7 +434,18 @@ def _float(text) -> float | None:
         return None
 
 
-def index_affectnet(source: dict) -> pl.DataFrame:
+def _label_number(text) -> float | None:
+    """A valence/arousal cell: None when empty (not annotated), NaN when not a number (an
+    ``invalid_value``, never silently 'not annotated')."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def index_affectnet(source: dict, issues: list[dict]) -> pl.DataFrame:
     root = Path(source["root"])
     frames = []
     for native, split in splits_for(source).items():
@@ -329,14 +463,14 @@ def index_affectnet(source: dict) -> pl.DataFrame:
                 w, h = _float(row["face_width"]), _float(row["face_height"])
                 box = (x, y, x + w, y + h) if None not in (x, y, w, h) else None
                 rel = row["subDirectory_filePath"]
-                records.append(dict(rel=rel, path=str(root / "Manually_Annotated_Images" / rel), box=box,
-                                    expression=row["expression"], valence=_float(row.get("valence")),
-                                    arousal=_float(row.get("arousal")),
-                                    box_drop=None if box else "bad_box"))
-        if "va" not in (source.get("tasks") or ["expr", "va"]):
-            for r in records:
-                r["valence"] = r["arousal"] = None
-        frames.append(_image_rows(source, split, records))
+                text = ",".join(str(row.get(k) or "") for k in ("expression", "valence", "arousal"))
+                rec = dict(rel=rel, path=str(root / "Manually_Annotated_Images" / rel), box=box,
+                           expression=row["expression"], box_drop=None if box else "bad_box",
+                           origin=(str(csv_path), reader.line_num, f"{rel}: expression,valence,arousal {text}"))
+                if "valence" in row or "arousal" in row:
+                    rec.update(valence=_label_number(row.get("valence")), arousal=_label_number(row.get("arousal")))
+                records.append(rec)
+        frames.append(_image_rows(source, split, records, issues))
     return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
@@ -355,7 +489,7 @@ def _npy_value(path: Path):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def index_affectnet_npy(source: dict) -> pl.DataFrame:
+def index_affectnet_npy(source: dict, issues: list[dict]) -> pl.DataFrame:
     """AffectNet's newer release: ``<root>/<native split>/images/<id>.jpg`` and
     ``annotations/<id>_{exp,val,aro,lnd}.npy``. One row per ``<id>_exp.npy`` (an annotated image);
     an unreadable annotation file is ``invalid_value``, a missing image ``unreadable_image``."""
@@ -372,22 +506,24 @@ def index_affectnet_npy(source: dict) -> pl.DataFrame:
         records = []
         for image_id in ids:
             name = images.get(image_id, f"{image_id}.jpg")
-            rec = dict(rel=f"{native}/images/{name}", path=str(img_dir / name), box=WHOLE_IMAGE)
+            rec = dict(rel=f"{native}/images/{name}", path=str(img_dir / name), box=WHOLE_IMAGE,
+                       expression=None, origin=(str(ann_dir / f"{image_id}_exp.npy"), None, None))
+            if "va" in tasks:
+                rec.update(valence=None, arousal=None)
             try:
                 rec["expression"] = _npy_value(ann_dir / f"{image_id}_exp.npy")
                 if "va" in tasks:
-                    rec["valence"] = _float(_npy_value(ann_dir / f"{image_id}_val.npy"))
-                    rec["arousal"] = _float(_npy_value(ann_dir / f"{image_id}_aro.npy"))
-            except ValueError:
+                    rec["valence"] = _label_number(_npy_value(ann_dir / f"{image_id}_val.npy"))
+                    rec["arousal"] = _label_number(_npy_value(ann_dir / f"{image_id}_aro.npy"))
+            except ValueError as exc:
                 rec["drop"] = "invalid_value"
-            if "expr" not in tasks:
-                rec["expression"] = None
+                rec["origin"] = (str(exc).split(": ", 1)[0], None, str(exc).split(": ", 1)[-1])
             records.append(rec)
-        frames.append(_image_rows(source, split, records))
+        frames.append(_image_rows(source, split, records, issues))
     return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
-def index_expw(source: dict) -> pl.DataFrame:
+def index_expw(source: dict, issues: list[dict]) -> pl.DataFrame:
     root = Path(source["root"])
     lst = root / "label" / "label.lst"
     records = []
@@ -404,8 +540,8 @@ def index_expw(source: dict) -> pl.DataFrame:
         except ValueError as exc:
             raise AnnotationError(f"{lst}:{lineno}: non-numeric face id or box: {line[:80]!r}") from exc
         records.append(dict(rel=name, face=face, path=str(root / "image" / "origin" / name), box=box,
-                            expression=label))
-    return _image_rows(source, source.get("split") or "train", records)
+                            expression=label, origin=(str(lst), lineno, line.strip())))
+    return _image_rows(source, source.get("split") or "train", records, issues)
 
 
 # ---- AI-Hub --------------------------------------------------------------------------------------
@@ -449,7 +585,7 @@ def _aihub_images(folder: Path) -> dict[str, list[Path]]:
     return found
 
 
-def index_aihub(source: dict) -> pl.DataFrame:
+def index_aihub(source: dict, issues: list[dict]) -> pl.DataFrame:
     """AI-Hub Korean emotion images: JSON lists of items ``{"filename", "faceExp_uploader",
     "annot_A": {"faceExp", "boxes": {minX, minY, maxX, maxY}}, "annot_B", "annot_C"}``.
 
@@ -499,8 +635,9 @@ def index_aihub(source: dict) -> pl.DataFrame:
                 except ValueError:
                     rel = path.as_posix()
                 records.append(dict(rel=rel, path=str(path), box=box, expression=label, drop=drop,
-                                    box_drop=None if box else "bad_box"))
-        frames.append(_image_rows(source, split, records))
+                                    box_drop=None if box else "bad_box",
+                                    origin=(str(jpath), None, f"item {i} ({filename})")))
+        frames.append(_image_rows(source, split, records, issues))
     return pl.concat(frames)
 
 
@@ -517,7 +654,7 @@ def _generic_number(value, table: Path, row: int, column: str) -> float | None:
         raise AnnotationError(f"{table}: row {row}: column {column!r} is not a number: {value!r}") from None
 
 
-def index_generic(source: dict) -> pl.DataFrame:
+def index_generic(source: dict, issues: list[dict]) -> pl.DataFrame:
     """A csv or parquet table: ``path`` (relative paths are relative to the table's folder),
     optional ``x0, y0, x1, y1`` (all four; a row without them: the whole image is the face),
     ``expression`` (ABAW name or index, or native labels with a ``label_map``), ``valence`` and
@@ -572,13 +709,16 @@ def index_generic(source: dict) -> pl.DataFrame:
             boxes.append(given)
         rel = p if not os.path.isabs(p) else p.lstrip("/")
         rec = dict(rel=rel, face=face, path=p if os.path.isabs(p) else str(table.parent / p), box=given,
-                   expression=row.get("expression"),
-                   valence=_generic_number(row.get("valence"), table, row_no, "valence"),
-                   arousal=_generic_number(row.get("arousal"), table, row_no, "arousal"))
+                   origin=(str(table), row_no, ",".join(f"{k}={row.get(k)}" for k in ("path", "expression", "valence", "arousal") if k in cols)))
+        if "expression" in cols:
+            rec["expression"] = row.get("expression")
+        if "valence" in cols:
+            rec.update(valence=_generic_number(row.get("valence"), table, row_no, "valence"),
+                       arousal=_generic_number(row.get("arousal"), table, row_no, "arousal"))
         if box is not None and not all(math.isfinite(x) for x in box):
             rec["box_drop"] = "bad_box"
         per_split.setdefault(split, []).append(rec)
-    frames = [_image_rows(source, split, recs) for split, recs in per_split.items()]
+    frames = [_image_rows(source, split, recs, issues) for split, recs in per_split.items()]
     return pl.concat(frames) if frames else pl.DataFrame(schema=MANIFEST)
 
 
@@ -587,13 +727,49 @@ READERS = {"affwild2": index_affwild2, "affectnet": index_affectnet, "affectnet_
 IMAGE_KINDS = {"affectnet", "affectnet_npy", "expw", "aihub", "generic"}
 
 
-def index_source(source: dict) -> pl.DataFrame:
+def check_label_status(df: pl.DataFrame, where: str) -> None:
+    """Raise AssertionError unless, per task, a label value is given exactly where the row's status
+    for that task is ``usable`` (a label never becomes null without a counted reason)."""
+    for task, (status, _, columns) in TASKS.items():
+        given = pl.all_horizontal([pl.col(c).is_not_null() for c in columns])
+        bad = df.filter(given != (pl.col(status) == LABEL_USABLE).fill_null(False))
+        if bad.height:
+            r = bad.row(0, named=True)
+            raise AssertionError(f"{where}: {bad.height} rows whose {task} label and {status} disagree, e.g. "
+                                 f"{r['source']}/{r['video']} frame {r['frame']}: {status} {r[status]!r}, "
+                                 + ", ".join(f"{c} {r[c]!r}" for c in columns))
+
+
+def index_source(source: dict, on_unusable: str = "stop", issues: list[dict] | None = None) -> pl.DataFrame:
+    """The manifest rows of one source (schema MANIFEST).
+
+    ``on_unusable``: ``stop`` (the default) raises :class:`UnusableInputError` naming every annotated
+    video that is missing or cannot be opened; ``skip`` lists them in ``issues`` and goes on (their
+    frames are counted as ``no_video`` / ``unreadable_video``). ``issues``, when given, receives one
+    dict (schema ISSUES) per finding: invalid lines, header-only files, unusable videos, videos
+    shared across splits. Raises :class:`AnnotationError` for unreadable annotation files and
+    :class:`layout.SplitLeakError` for an annotated video or image in two splits.
+    """
     if source["kind"] not in READERS:
         raise ValueError(f"source {source.get('name')!r}: unknown kind {source['kind']!r}; known: {sorted(READERS)}")
     if source.get("test_list") and source["kind"] != "affwild2":
         raise ValueError(f"source {source.get('name')!r}: test_list is for affwild2 sources (videos), not {source['kind']!r}")
-    df = READERS[source["kind"]](source)
-    return mark_duplicates(df) if source["kind"] in IMAGE_KINDS else df
+    if on_unusable not in ON_UNUSABLE:
+        raise ValueError(f"on_unusable_input: {on_unusable!r}; valid: {', '.join(ON_UNUSABLE)}")
+    issues = [] if issues is None else issues
+    if source["kind"] in IMAGE_KINDS:
+        df = READERS[source["kind"]](source, issues)
+        check_image_splits(df.filter(pl.col("drop").is_null()), source)
+        df = mark_duplicates(df.select(list(MANIFEST)))
+    else:
+        df = READERS[source["kind"]](source, issues, on_unusable)
+    check_label_status(df, f"source {source['name']!r}")
+    return df
+
+
+def issues_table(issues: list[dict]) -> pl.DataFrame:
+    """The ISSUES table of the dicts :func:`index_source` collected."""
+    return pl.DataFrame(issues, schema=ISSUES) if issues else pl.DataFrame(schema=ISSUES)
 
 
 def summary(df: pl.DataFrame) -> pl.DataFrame:
@@ -605,14 +781,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferflow.index", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help="the source's config entry as JSON (or a path to a JSON file)")
     parser.add_argument("--out", required=True, help="manifest parquet to write")
+    parser.add_argument("--issues", help="ISSUES parquet to write (invalid lines, header-only files, unusable "
+                        "videos, videos shared across splits), read by the shards stage's summary")
+    parser.add_argument("--on-unusable-input", choices=ON_UNUSABLE, default="stop",
+                        help="an annotated video that is missing or cannot be opened: stop (error naming "
+                        "every such file) or skip (counted, named in the end-of-run summary)")
     args = parser.parse_args(argv)
     text = Path(args.source).read_text() if os.path.isfile(args.source) else args.source
     source = json.loads(text)
+    issues: list[dict] = []
     try:
-        df = index_source(source)
-    except (AnnotationError, FileNotFoundError) as exc:  # bad input: its message names the file
-        print(f"index {source.get('name')}: {exc}", file=sys.stderr)
+        df = index_source(source, args.on_unusable_input, issues)
+    except (AnnotationError, FileNotFoundError, UnusableInputError, layout.SplitLeakError) as exc:
+        print(f"index {source.get('name')}: {exc}", file=sys.stderr)  # bad input: the message names the file
         return 1
+    if args.issues:
+        write_table(issues_table(issues), args.issues, ISSUES)
     write_table(df, args.out, MANIFEST)
     print(f"{source['name']}: {df.height} annotated rows -> {args.out}", file=sys.stderr)
     print(summary(df), file=sys.stderr)

@@ -109,6 +109,7 @@ def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = N
     splits = AFFWILD2_SPLIT_DIRS if splits is None else splits
     video_files = find_videos(videos if videos is not None else root / "videos", listing)
     annotations: dict[tuple[str, str], Annotation] = {}
+    seen: dict[str, list[tuple[str, str, str]]] = {}  # name -> (task, split, file) of each file
     for task in tasks:
         task_dir = root / AFFWILD2_TASK_DIRS[task]
         for native, split in splits.items():
@@ -119,10 +120,12 @@ def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = N
                 if not f.endswith(".txt"):
                     continue
                 name = f[: -len(".txt")]
+                seen.setdefault(name, []).append((task, split, str(d / f)))
                 key = (split, name)
                 if key not in annotations:
                     annotations[key] = Annotation(name=name, person="", split=split)
                 annotations[key].files[task] = str(d / f)
+    check_split_leaks(seen)
     for name in test_names or []:
         annotations.setdefault((TEST_SPLIT, name), Annotation(name=name, person="", split=TEST_SPLIT))
     units: dict[str, VideoUnit] = {}
@@ -137,6 +140,48 @@ def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = N
             units[unit] = VideoUnit(unit=unit, video_path=video_files.get(unit))
         units[unit].annotations.append(ann)
     return [units[u] for u in sorted(units)]
+
+
+class SplitLeakError(ValueError):
+    """One annotated unit in two splits (or two files for one task of it); names the files."""
+
+
+def check_split_leaks(files: dict[str, list[tuple[str, str, str]]]) -> None:
+    """Raise :class:`SplitLeakError` naming the files when an annotation name (a video, or a person
+    in it) has files in two pipeline splits (its frames would be in both: train and validation), or
+    two files for one task (two native split folders mapped to one split: which one is right?).
+
+    ``files``: annotation name -> ``(task, split, file)`` of each of its files.
+    """
+    problems = []
+    for name, entries in sorted(files.items()):
+        splits = sorted({split for _, split, _ in entries})
+        tasks = [task for task, _, _ in entries]
+        if len(splits) > 1:
+            problems.append(f"{name!r} is annotated in splits {' and '.join(splits)}: "
+                            + " and ".join(f for _, _, f in entries))
+        elif len(tasks) != len(set(tasks)):
+            problems.append(f"{name!r} has two {tasks[0].upper()} files in split {splits[0]}: "
+                            + " and ".join(f for _, _, f in entries))
+    if problems:
+        raise SplitLeakError("split leak: the same annotated video in two places (its frames would be "
+                             "trained and evaluated on):\n  " + "\n  ".join(problems))
+
+
+def shared_videos(units: list[VideoUnit]) -> list[tuple[str, str]]:
+    """(video file stem, message) of each video whose people are annotated in different splits
+    (``X_left`` in train, ``X_right`` in validation): allowed (different people), but the same scene
+    is seen by training and validation, so the summary warns about it once, by name."""
+    out = []
+    for u in units:
+        by_split: dict[str, list[str]] = {}
+        for a in u.annotations:
+            if a.split != TEST_SPLIT:
+                by_split.setdefault(a.split, []).append(a.name)
+        if len(by_split) > 1:
+            parts = "; ".join(f"{s}: {', '.join(sorted(n))}" for s, n in sorted(by_split.items()))
+            out.append((u.unit, f"video {u.unit!r} has people in more than one split ({parts})"))
+    return out
 
 
 def chunk_of(relative_path: str, chunks: int) -> str:

@@ -38,7 +38,20 @@ MANIFEST: Schema = {
     "box_x1": pl.Float32,
     "box_y1": pl.Float32,
     "drop": pl.String,  # reason found while indexing (unannotated, invalid_value, ...), else null
+    # per task, the fate of this row's label as the index found it: null when the row has no line
+    # (value) for the task, LABEL_USABLE when its value is usable, else the label's drop reason
+    # (unannotated, invalid_value, unmapped_label, no_consensus); see TASKS
+    "expr_status": pl.String,
+    "va_status": pl.String,
 }
+
+#: The label tasks and the manifest/accounting columns of each: (status column, fate column, label
+#: columns). Labels are accounted per task: an annotated line of a task is written (its label is in
+#: a written sample) or dropped with a reason, whatever happens to the other task of the frame.
+TASKS = {"expr": ("expr_status", "expr_fate", ("expression",)),
+         "va": ("va_status", "va_fate", ("valence", "arousal"))}
+#: MANIFEST.{expr,va}_status of a usable label.
+LABEL_USABLE = "usable"
 
 #: One row per (person, frame) of an extraction unit.
 FACES: Schema = {
@@ -99,7 +112,27 @@ ACCOUNTING: Schema = {
     "status": pl.String,  # written | dropped
     "reason": pl.String,  # null when written, else one of DROP_REASONS
     "key": pl.String,  # shard sample key when written, else null
+    # per task (see TASKS): null when the row has no line for the task, "written" when its label is
+    # in a written sample, else why the label was lost: its own reason (MANIFEST.*_status) or the
+    # frame's
+    "expr_fate": pl.String,
+    "va_fate": pl.String,
 }
+
+#: What the index stage found about whole files and lines, for the end-of-run summary (one row per
+#: finding): an annotation file without any line, an unusable video, a line with an invalid value, a
+#: video shared by people of two splits. ``line`` is 1-based (null: the whole file).
+ISSUES: Schema = {
+    "source": pl.String,
+    "split": pl.String,
+    "task": pl.String,  # expr | va | null (not about one task)
+    "file": pl.String,
+    "line": pl.Int64,
+    "reason": pl.String,  # a drop reason, or one of ISSUE_KINDS
+    "text": pl.String,  # the line as read (clipped), or what is wrong with the file
+}
+#: Issue reasons that are not drop reasons: a header without lines, and a warning.
+ISSUE_KINDS = ("header_only", "shared_video")
 
 #: One row per predicted frame of one variant (or of the ensemble).
 PREDICTIONS: Schema = {
@@ -120,6 +153,7 @@ DROP_REASONS = (
     "beyond_video_end",
     "no_face",
     "unreadable_video",
+    "unreadable_frame",
     "unreadable_image",
     "bad_box",
     "duplicate",

@@ -33,7 +33,8 @@ from pathlib import Path
 import polars as pl
 
 from .atomic import atomic_dir, atomic_path, write_text
-from .schemas import ACCOUNTING, DROP_REASONS, FACES, LABELS, MANIFEST, WHOLE_VIDEO, read_table, write_table
+from .schemas import (ACCOUNTING, DROP_REASONS, FACES, ISSUES, LABEL_USABLE, LABELS, MANIFEST, TASKS, WHOLE_VIDEO,
+                      read_table, write_table)
 
 
 class AccountingError(AssertionError):
@@ -118,6 +119,13 @@ def account(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
             pl.concat_str([pl.col("split"), pl.col("source"), pl.col("video"),
                            pl.col("frame").cast(pl.String).str.zfill(6)], separator="/")),
     )
+    # per task: no line (null), the label's own reason, else the frame's fate
+    out = out.with_columns(**{
+        fate: pl.when(pl.col(status).is_null()).then(None)
+        .when(pl.col(status) != LABEL_USABLE).then(pl.col(status))
+        .when(pl.col("reason").is_not_null()).then(pl.col("reason"))
+        .otherwise(pl.lit("written"))
+        for status, fate, _ in TASKS.values()})
     if out.height != manifest.height:
         raise AccountingError(f"accounting: {manifest.height} manifest rows became {out.height}")
     return out
@@ -153,8 +161,51 @@ def check_accounting(manifest: pl.DataFrame, faces: pl.DataFrame, rows: pl.DataF
     keys = rows.filter(written)["key"]
     if not keys.is_unique().all():
         problems.append(f"{keys.len() - keys.n_unique()} repeated sample keys")
+    problems += _label_problems(manifest, rows)
     if problems:
         raise AccountingError("accounting does not add up: " + "; ".join(problems))
+
+
+def _label_problems(manifest: pl.DataFrame, rows: pl.DataFrame) -> list[str]:
+    """Per task: the annotated lines of the manifest (rows with a status for the task) == the
+    accounting rows with a fate for it, per (source, split); every fate is ``written`` or a drop
+    reason; ``written`` exactly where the sample is written with that task's label."""
+    problems = []
+    for task, (status, fate, columns) in TASKS.items():
+        lines = manifest.filter(pl.col(status).is_not_null()).group_by("source", "split").agg(pl.len().alias("lines"))
+        fates = rows.filter(pl.col(fate).is_not_null()).group_by("source", "split").agg(pl.len().alias("fates"))
+        cmp = lines.join(fates, on=["source", "split"], how="full", coalesce=True).fill_null(0)
+        for r in cmp.filter(pl.col("lines") != pl.col("fates")).sort("source", "split").iter_rows(named=True):
+            problems.append(f"{r['source']}/{r['split']} {task}: {r['lines']} annotated lines, {r['fates']} labels "
+                            "written or dropped")
+        unknown = rows.filter(pl.col(fate).is_not_null() & ~pl.col(fate).is_in(["written", *DROP_REASONS]))
+        if unknown.height:
+            problems.append(f"{task}: {unknown.height} labels with an unknown fate, e.g. {unknown[fate][0]!r}")
+        labelled = pl.all_horizontal([pl.col(c).is_not_null() for c in columns]) & (pl.col("status") == "written")
+        wrong = rows.filter(labelled != (pl.col(fate) == "written").fill_null(False))
+        if wrong.height:
+            r = wrong.row(0, named=True)
+            problems.append(f"{task}: {wrong.height} labels whose fate and written value disagree, e.g. "
+                            f"{r['source']}/{r['video']} frame {r['frame']}: {fate} {r[fate]!r}, "
+                            + ", ".join(f"{c} {r[c]!r}" for c in columns))
+    return problems
+
+
+def label_accounting(rows: pl.DataFrame) -> pl.DataFrame:
+    """Per source, split and task: annotated ``lines`` = ``written`` + the labels dropped for each
+    reason (one column per reason met); test frames (no labels) have no line."""
+    parts = [rows.filter(pl.col(fate).is_not_null()).select("source", "split", pl.lit(task).alias("task"),
+                                                             pl.col(fate).alias("fate"))
+             for task, (_, fate, _) in TASKS.items()]
+    long = pl.concat(parts)
+    if not long.height:
+        return pl.DataFrame(schema={"source": pl.String, "split": pl.String, "task": pl.String, "lines": pl.UInt32})
+    wide = long.pivot(on="fate", index=["source", "split", "task"], values="fate", aggregate_function="len").fill_null(0)
+    if "written" not in wide.columns:
+        wide = wide.with_columns(written=pl.lit(0, pl.UInt32))
+    reasons = [r for r in DROP_REASONS if r in wide.columns]
+    return (wide.with_columns(lines=pl.sum_horizontal("written", *reasons))
+            .select("source", "split", "task", "lines", "written", *reasons).sort("source", "split", "task"))
 
 
 def duplicates(manifest: pl.DataFrame) -> pl.DataFrame:
@@ -166,6 +217,11 @@ def duplicates(manifest: pl.DataFrame) -> pl.DataFrame:
 
 def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, accounting_path: str,
                  samples_per_shard: int = 1000, seed: int = 0) -> pl.DataFrame:
+    """Write the shards, ``labels.parquet`` and the accounting; returns the accounting rows.
+
+    Raises :class:`AccountingError`, before anything is written, when frames or labels (per task)
+    do not add up, and after the shards are written (nothing is renamed into place) when the shard
+    members or the labels of ``labels.parquet`` are not the written rows'."""
     manifest = pl.concat([read_table(p, MANIFEST) for p in manifests]) if manifests else pl.DataFrame(schema=MANIFEST)
     manifest = duplicates(manifest)
     faces = load_faces(faces_tables)
@@ -214,6 +270,11 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
         if not (n_members == label_table.height == written.height):
             raise AccountingError(f"{written.height} samples to write, {n_members} written to shards, "
                                   f"{label_table.height} in labels.parquet")
+        for task, (_, fate, columns) in TASKS.items():
+            in_labels = label_table.filter(pl.all_horizontal([pl.col(c).is_not_null() for c in columns])).height
+            if in_labels != rows.filter(pl.col(fate) == "written").height:
+                raise AccountingError(f"{task}: {rows.filter(pl.col(fate) == 'written').height} labels written, "
+                                      f"{in_labels} in labels.parquet")
         write_table(label_table, Path(tmp) / "labels.parquet", LABELS)
         write_table(rows, accounting_tmp, ACCOUNTING)
     return rows
@@ -237,29 +298,91 @@ def nothing_written(rows: pl.DataFrame) -> list[tuple[str, str]]:
             for name in sorted(set(rows[what].to_list()) - set(written[what].to_list()))]
 
 
+#: Reasons for which a whole video or image is dropped (every annotated frame or face of it).
+WHOLE_UNIT_REASONS = ("no_video", "unreadable_video", "unreadable_image")
+LISTED_LINES = 3  # invalid lines quoted per file in the summary
+
+
+def load_issues(paths: list[str]) -> pl.DataFrame:
+    """The ISSUES tables the index stage wrote (one per source)."""
+    frames = [read_table(p, ISSUES) for p in paths]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=ISSUES)
+
+
+def dropped_whole(rows: pl.DataFrame) -> pl.DataFrame:
+    """(source, split, video, reason, n) of each video or image all of whose rows were dropped for
+    one of :data:`WHOLE_UNIT_REASONS` (a missing or unreadable file)."""
+    per = rows.group_by("source", "split", "video").agg(
+        pl.col("reason").unique().alias("reasons"), pl.len().alias("n"), (pl.col("status") == "written").any().alias("w"))
+    per = per.filter(~pl.col("w") & (pl.col("reasons").list.len() == 1))
+    per = per.with_columns(reason=pl.col("reasons").list.first())
+    return per.filter(pl.col("reason").is_in(list(WHOLE_UNIT_REASONS))).select(
+        "source", "split", "video", "reason", "n").sort("source", "split", "video")
+
+
+def summary_text(rows: pl.DataFrame, issues: pl.DataFrame | None = None) -> str:
+    """The end-of-run summary: frames and labels (per task) by fate, sources and splits without a
+    sample, every video and image dropped whole, every annotation file with invalid values (its
+    first lines, with line numbers), every header-only annotation file, and warnings."""
+    issues = pl.DataFrame(schema=ISSUES) if issues is None else issues
+    out = []
+    with pl.Config(tbl_rows=1000, tbl_cols=30, tbl_width_chars=250, tbl_hide_dataframe_shape=True,
+                   tbl_hide_column_data_types=True):
+        out.append("accounting: every annotated frame or image, written to a shard or dropped with a reason\n"
+                   + ("(split test: every decoded frame of the test videos, which have no labels)\n"
+                      if (rows["split"] == "test").any() else "")
+                   + f"{accounting_summary(rows)}\n")
+        out.append("labels per task: annotated lines = labels written + labels dropped for each reason\n"
+                   f"{label_accounting(rows)}\n")
+    out += [f"warning: {what} {name!r}: no sample written (every row dropped, see the reasons above)\n"
+            for what, name in nothing_written(rows)]
+    whole = dropped_whole(rows)
+    if whole.height:
+        out.append(f"dropped whole ({whole.height} videos or images: every annotated frame or face of each):\n")
+        out += [f"  {src}/{split}: {video}: {reason} ({n} {'frames' if n != 1 else 'frame'})\n"
+                for src, split, video, reason, n in whole.iter_rows()]
+    unusable = issues.filter(pl.col("reason").is_in(["no_video", "unreadable_video"]))
+    if unusable.height:
+        out.append("unusable videos found by the index (on_unusable_input: skip):\n")
+        out += [f"  {r['source']}: {r['text']}\n" for r in unusable.unique(["source", "file", "text"], maintain_order=True)
+                .iter_rows(named=True)]
+    invalid = issues.filter(pl.col("reason") == "invalid_value")
+    if invalid.height:
+        files = invalid.group_by("source", "file", maintain_order=True).agg(pl.len().alias("n"), pl.col("line"), pl.col("text"))
+        out.append(f"files with invalid values ({invalid.height} lines or items in {files.height} files; each "
+                   "label counted as invalid_value):\n")
+        for src, file, n, lines, texts in files.iter_rows():
+            shown = "; ".join(f"line {ln}: {t!r}" if ln is not None else f"{t}"
+                              for ln, t in list(zip(lines, texts))[:LISTED_LINES])
+            more = f"; ... ({n - LISTED_LINES} more)" if n > LISTED_LINES else ""
+            out.append(f"  {src}: {file}: {n} invalid: {shown}{more}\n")
+    header_only = issues.filter(pl.col("reason") == "header_only")
+    if header_only.height:
+        out.append(f"annotation files with a header and no line ({header_only.height}; no frame annotated "
+                   "for their task):\n")
+        out += [f"  {r['source']}/{r['split']} {r['task']}: {r['file']}\n" for r in header_only.iter_rows(named=True)]
+    out += [f"warning: {r['source']}: {r['text']}\n"
+            for r in issues.filter(pl.col("reason") == "shared_video").iter_rows(named=True)]
+    return "".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferflow.shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", nargs="+", required=True)
     parser.add_argument("--faces", nargs="*", default=[], help="FACES tables <faces>/<source>/<unit>.parquet (tar beside)")
+    parser.add_argument("--issues", nargs="*", default=[], help="ISSUES tables of the index stage, for the summary")
     parser.add_argument("--out", required=True, help="shard directory")
     parser.add_argument("--accounting", required=True)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--summary", help="also write the printed accounting table to this text file")
+    parser.add_argument("--summary", help="also write the printed accounting summary to this text file")
     args = parser.parse_args(argv)
     try:
         rows = write_shards(args.manifest, args.faces, args.out, args.accounting, args.samples_per_shard, args.seed)
     except AccountingError as exc:
         print(f"write_shards: {exc}", file=sys.stderr)
         return 1
-    with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200, tbl_hide_dataframe_shape=True,
-                   tbl_hide_column_data_types=True):
-        text = ("accounting: every annotated frame or image, written to a shard or dropped with a reason\n"
-                + ("(split test: every decoded frame of the test videos, which have no labels)\n"
-                   if (rows["split"] == "test").any() else "")
-                + f"{accounting_summary(rows)}\n"
-                + "".join(f"warning: {what} {name!r}: no sample written (every row dropped, see the reasons above)\n"
-                          for what, name in nothing_written(rows)))
+    text = summary_text(rows, load_issues(args.issues))
     print(text)
     if args.summary:
         write_text(args.summary, text)
