@@ -41,6 +41,19 @@ def truncated_video(path: Path, frames: int = 12, keep: float = 0.85) -> Path:
     return path
 
 
+def truncated_mp4(path: Path, frames: int = 10, keep: float = 0.5) -> Path:
+    """An MP4 cut in half (an interrupted download): its index (the ``moov`` box) is written at the
+    end, so nothing of it can be opened."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (64, 48))
+    for _ in range(frames):
+        writer.write(np.full((48, 64, 3), BRIGHT, np.uint8))
+    writer.release()
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
 def zero_frame_video(path: Path) -> Path:
     """A valid AVI container without a single frame."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +111,19 @@ def grayscale_image(path: Path, w: int = 64, h: int = 64) -> Path:
 
 
 # ---- sources -------------------------------------------------------------------------------------
+#: The unusable videos of :func:`affwild2_corpus` (file name, and what the index says of it): with
+#: ``on_unusable_input: stop`` the index stops naming each; with ``skip`` they are counted.
+UNUSABLE_VIDEOS = {"zero_frames.avi": "no frame decoded", "not_a_video.mp4": "cannot be opened as a video",
+                   "zero_bytes.mp4": "empty file (0 bytes)", "cut.mp4": "cannot be opened as a video",
+                   "pair.*": "no video file 'pair'"}
+
+
 def affwild2_corpus(root: Path, name: str = "aw") -> tuple[dict, dict]:
     """Videos and annotation files that are broken in every counted way, beside a good one.
 
-    Everything here is a counted skip (or simply works); the errors (wrong header, empty file) are
-    :func:`wrong_header` and :func:`empty_annotation`.
+    With ``on_unusable_input: skip`` everything here is a counted skip (or simply works); by default
+    the unusable videos (:data:`UNUSABLE_VIDEOS`) stop the index. The errors of annotation files
+    (wrong header, empty file) are :func:`wrong_header` and :func:`empty_annotation`.
     """
     aw = root / name
     videos, e, va = aw / "videos", aw / EXPR_DIR / "Train_Set", aw / VA_DIR / "Train_Set"
@@ -126,6 +147,14 @@ def affwild2_corpus(root: Path, name: str = "aw") -> tuple[dict, dict]:
     not_a_video(videos / "not_a_video.mp4")
     annotation(e / "not_a_video.txt", ["1", "2", "3"])
     expected["not_a_video"] = {"unreadable_video": 3}
+
+    empty_file(videos / "zero_bytes.mp4")
+    annotation(va / "zero_bytes.txt", ["0.1,0.1", "0.2,0.2"])
+    expected["zero_bytes"] = {"unreadable_video": 2}
+
+    truncated_mp4(videos / "cut.mp4")
+    annotation(e / "cut.txt", ["4", "4"])
+    expected["cut"] = {"unreadable_video": 2}
 
     write_video(videos / "non_numeric.avi", [BRIGHT] * 6)
     annotation(e / "non_numeric.txt", ["0", "x", "2", "", "4", "five"])  # a blank line is a frame too

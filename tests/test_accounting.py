@@ -248,3 +248,89 @@ def test_accounting_that_does_not_add_up_fails(tmp_path):
     rc = shards.main(["--manifest", *manifests, "--faces", *tables, str(dup), "--out", str(out / "shards"),
                       "--accounting", str(out / "acc.parquet")])
     assert rc == 1 and not out.exists()
+
+
+# ---- labels accounted per task (issue: a task's label silently nulled on a frame kept for the other)
+def mixed_labels_source(root: Path) -> dict:
+    """Aff-Wild2, native layout: frames whose EXPR or VA value is invalid while the other task's is
+    usable, a -inf, a line beyond the video's end, and a VA file with only its header."""
+    aw = root / "aw"
+    e, va = aw / "EXPR_Classification_Challenge" / "Train_Set", aw / "VA_Estimation_Challenge" / "Train_Set"
+    write_video(aw / "videos" / "V.avi", [BRIGHT] * 6)
+    # line numbers: the header is line 1, frame i is line i + 2
+    write_text(e / "V.txt", EXPR_HEADER + "\n0\nHappiness\n9\n-2\n4\n5\n6\n")
+    write_text(va / "V.txt", VA_HEADER + "\n0.1,0.2\n0.3,-0.4\n0.5,0.6\n0.7,0.8\n1.7,0.25\nnan,0.12\n0.1,0.1\n")
+    write_video(aw / "videos" / "W.avi", [BRIGHT] * 4)
+    write_text(e / "W.txt", EXPR_HEADER + "\n1\n2\n3\n-1\n")
+    write_text(va / "W.txt", VA_HEADER + "\n0.1,0.2,0.3\n-inf,0.1\n0.2,-0.3\n0.3,0.3\n")
+    write_video(aw / "videos" / "X.avi", [BRIGHT] * 4)
+    write_text(e / "X.txt", EXPR_HEADER + "\n1\n1\n1\n1\n")
+    write_text(va / "X.txt", VA_HEADER + "\n")
+    return {"name": "aw", "kind": "affwild2", "root": str(aw), "videos": str(aw / "videos")}
+
+
+def test_labels_are_accounted_per_task(tmp_path):
+    issues: list = []
+    rows = run_pipeline([mixed_labels_source(tmp_path / "data")], tmp_path / "out", issues=issues)
+    # frames: V 6 decoded of 7 lines, W 4, X 4; every frame has a usable label of one task
+    assert fates(rows) == {("aw", "train", "written"): 14, ("aw", "train", "beyond_video_end"): 1}
+    table = shards.label_accounting(rows)
+    got = {(r["task"], k): v for r in table.iter_rows(named=True) for k, v in r.items()
+           if k not in ("source", "split", "task") and v}
+    assert got == {
+        # EXPR: V 7 lines (0, 4, 5 written; Happiness, 9, -2 invalid; line 8 beyond the end), W 4 (-1
+        # unannotated), X 4
+        ("expr", "lines"): 15, ("expr", "written"): 10, ("expr", "invalid_value"): 3,
+        ("expr", "unannotated"): 1, ("expr", "beyond_video_end"): 1,
+        # VA: V 7 lines (4 written; 1.7 and nan invalid; 1 beyond), W 4 (3 fields and -inf invalid),
+        # X none (its VA file has only the header)
+        ("va", "lines"): 11, ("va", "written"): 6, ("va", "invalid_value"): 4, ("va", "beyond_video_end"): 1,
+    }
+    v = rows.filter(pl.col("video") == "V").sort("frame")
+    assert v["expr_fate"].to_list() == ["written", "invalid_value", "invalid_value", "invalid_value", "written",
+                                        "written", "beyond_video_end"]
+    assert v["va_fate"].to_list() == ["written"] * 4 + ["invalid_value", "invalid_value", "beyond_video_end"]
+    assert rows.filter(pl.col("video") == "W").sort("frame")["va_fate"].to_list() == [
+        "invalid_value", "invalid_value", "written", "written"]          # -inf is invalid, not 'not annotated'
+    assert set(rows.filter(pl.col("video") == "X")["va_fate"].to_list()) == {None}
+    # labels.parquet holds exactly the written labels of each task
+    labels = read_table(tmp_path / "out" / "shards" / "labels.parquet", LABELS)
+    assert labels.height == 14
+    assert labels["expression"].is_not_null().sum() == 10 and labels["valence"].is_not_null().sum() == 6
+    # valence and arousal from their own columns: V frame 1 is (0.3, -0.4)
+    v1 = labels.filter(pl.col("key") == "train/aw/V/000001").row(0, named=True)
+    assert (v1["expression"], v1["valence"], v1["arousal"]) == (None, pytest.approx(0.3), pytest.approx(-0.4))
+    # the summary names each file with invalid lines (first lines with their numbers) and the
+    # header-only file
+    aw = tmp_path / "data" / "aw"
+    text = shards.summary_text(rows, index.issues_table(issues))
+    ev, vv, wv = (aw / "EXPR_Classification_Challenge/Train_Set/V.txt", aw / "VA_Estimation_Challenge/Train_Set/V.txt",
+                  aw / "VA_Estimation_Challenge/Train_Set/W.txt")
+    assert f"aw: {ev}: 3 invalid: line 3: 'Happiness'; line 4: '9'; line 5: '-2'\n" in text
+    assert f"aw: {vv}: 2 invalid: line 6: '1.7,0.25'; line 7: 'nan,0.12'\n" in text
+    assert f"aw: {wv}: 2 invalid: line 2: '0.1,0.2,0.3'; line 3: '-inf,0.1'\n" in text
+    assert f"aw/train va: {aw / 'VA_Estimation_Challenge/Train_Set/X.txt'}\n" in text
+    assert "annotation files with a header and no line (1;" in text
+
+
+def test_labels_that_do_not_add_up_fail_the_stage(tmp_path):
+    run_pipeline([mixed_labels_source(tmp_path / "data")], tmp_path / "out")
+    manifest = read_table(tmp_path / "out" / "manifest" / "aw.parquet", MANIFEST)
+    faces = shards.load_faces(sorted(str(p) for p in (tmp_path / "out" / "faces").glob("*/*.parquet")))
+    rows = shards.account(manifest, faces)
+    shards.check_accounting(manifest, faces, rows)          # consistent: passes
+    # a label silently nulled on a written frame (its fate still says written)
+    nulled = rows.with_columns(arousal=pl.when(pl.col("key") == "train/aw/V/000000").then(None).otherwise("arousal"))
+    with pytest.raises(shards.AccountingError, match=r"va: 1 labels whose fate and written value disagree, "
+                                                      r"e\.g\. aw/V frame 0"):
+        shards.check_accounting(manifest, faces, nulled)
+    # an annotated line without a fate
+    lost = rows.with_columns(expr_fate=pl.when(pl.col("expr_fate") == "invalid_value").then(None).otherwise("expr_fate"))
+    with pytest.raises(shards.AccountingError, match=r"aw/train expr: 15 annotated lines, 12 labels written or dropped"):
+        shards.check_accounting(manifest, faces, lost)
+    # a manifest whose label was nulled at indexing without a reason
+    bad = manifest.with_columns(expression=pl.when((pl.col("video") == "X") & (pl.col("frame") == 0))
+                                .then(None).otherwise("expression"))
+    with pytest.raises(shards.AccountingError, match=r"expr: 1 labels whose fate and written value disagree, "
+                                                      r"e\.g\. aw/X frame 0"):
+        shards.check_accounting(bad, faces, shards.account(bad, faces))

@@ -161,8 +161,10 @@ def index_inputs(wildcards):
     extra = [src["test_list"]] if src.get("test_list") else []
     if is_demo_path(src["root"]):
         return demo_files() + extra
-    if src["kind"] in VIDEO_KINDS:
-        return sorted(f for u in video_units(wildcards.source) for a in u.annotations for f in a.files.values()) + extra
+    if src["kind"] in VIDEO_KINDS:  # and the videos: the index checks that each can be opened
+        units_ = video_units(wildcards.source)
+        return (sorted(f for u in units_ for a in u.annotations for f in a.files.values())
+                + sorted(u.video_path for u in units_ if u.video_path) + extra)
     splits = src.get("splits")
     if src["kind"] == "affectnet":
         used = [n for n, s in (splits or {"training": 0, "validation": 0}).items() if s is not None]

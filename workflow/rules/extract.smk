@@ -6,6 +6,9 @@ IMAGE_SOURCES = [n for n, s in SOURCES.items() if s["kind"] in IMAGE_KINDS]
 rule extract_video_faces:
     input:
         video=video_path,
+        # after the index: it stops the run on missing or unusable videos before any is extracted
+        # (ancient: a new manifest alone, e.g. corrected labels, does not rerun the extraction)
+        manifest=ancient(f"{RESULTS}/manifest/{{source}}.parquet"),
     output:
         tar=f"{RESULTS}/faces/{{source}}/{{unit}}.tar",
         table=f"{RESULTS}/faces/{{source}}/{{unit}}.parquet",

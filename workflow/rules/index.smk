@@ -5,9 +5,11 @@ rule index_source:
     input:
         index_inputs,
     output:
-        f"{RESULTS}/manifest/{{source}}.parquet",
+        manifest=f"{RESULTS}/manifest/{{source}}.parquet",
+        issues=f"{RESULTS}/issues/{{source}}.parquet",
     params:
         source=lambda wc: as_json(SOURCES[wc.source]),
+        on_unusable=config["on_unusable_input"],
         code=code_version("index"),
     log:
         "logs/index_source/{source}.log",
@@ -18,4 +20,5 @@ rule index_source:
     conda:
         "../../envs/ferflow.yaml"
     shell:
-        "python -m ferflow.index --source {params.source:q} --out {output:q} > {log:q} 2>&1"
+        "python -m ferflow.index --source {params.source:q} --out {output.manifest:q} --issues {output.issues:q}"
+        " --on-unusable-input {params.on_unusable} > {log:q} 2>&1"

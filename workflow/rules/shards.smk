@@ -2,6 +2,7 @@
 rule write_shards:
     input:
         manifests=expand(f"{RESULTS}/manifest/{{source}}.parquet", source=list(SOURCES)),
+        issues=expand(f"{RESULTS}/issues/{{source}}.parquet", source=list(SOURCES)),
         tables=faces_tables(),
         tars=faces_tars(),
     output:
@@ -21,7 +22,7 @@ rule write_shards:
     conda:
         "../../envs/ferflow.yaml"
     shell:
-        "python -m ferflow.shards --manifest {input.manifests:q} --faces {input.tables:q}"
+        "python -m ferflow.shards --manifest {input.manifests:q} --faces {input.tables:q} --issues {input.issues:q}"
         " --out {output.shards:q} --accounting {output.accounting:q}"
         " --samples-per-shard {params.samples_per_shard} --seed {params.seed}"
         " --summary {output.summary:q} > {log:q} 2>&1"
