@@ -115,7 +115,7 @@ def grayscale_image(path: Path, w: int = 64, h: int = 64) -> Path:
 #: ``on_unusable_input: stop`` the index stops naming each; with ``skip`` they are counted.
 UNUSABLE_VIDEOS = {"zero_frames.avi": "no frame decoded", "not_a_video.mp4": "cannot be opened as a video",
                    "zero_bytes.mp4": "empty file (0 bytes)", "cut.mp4": "cannot be opened as a video",
-                   "pair.*": "no video file 'pair'"}
+                   "pair.*": "no video file 'pair_left' or 'pair'"}
 
 
 def affwild2_corpus(root: Path, name: str = "aw") -> tuple[dict, dict]:

@@ -51,23 +51,24 @@ def corpus(tmp_path_factory):
     built = [bad.affwild2_corpus(root / "data"), bad.expw_corpus(root / "data"),
              bad.generic_corpus(root / "data"), bad.unusable_corpus(root / "data", split="validation")]
     err = io.StringIO()
+    issues: list = []
     stderr, sys.stderr = sys.stderr, err  # extraction reports unreadable videos on stderr
     try:
-        rows = run_pipeline([s for s, _ in built], root / "out", on_unusable="skip")
+        rows = run_pipeline([s for s, _ in built], root / "out", on_unusable="skip", issues=issues)
     finally:
         sys.stderr = stderr
-    return root, built, rows, err.getvalue()
+    return root, built, rows, err.getvalue(), index.issues_table(issues)
 
 
 @pytest.mark.parametrize("which", ["aw", "expw", "gen", "nothing"])
 def test_every_broken_input_is_counted_and_the_rest_written(corpus, which):
-    _, built, rows, _ = corpus
+    _, built, rows, _, _ = corpus
     source, expected = next((s, e) for s, e in built if s["name"] == which)
     assert fates_by_video(rows, which) == expected
 
 
 def test_written_samples_are_in_the_shards_and_readable(corpus):
-    root, _, rows, _ = corpus
+    root, _, rows, _, _ = corpus
     labels = read_table(root / "out" / "shards" / "labels.parquet", LABELS)
     assert sorted(labels["key"]) == sorted(rows.filter(pl.col("status") == "written")["key"])
     # the training loader reads every key, weird names included, with 3-channel crops
@@ -84,17 +85,65 @@ def test_written_samples_are_in_the_shards_and_readable(corpus):
 
 
 def test_unreadable_videos_are_reported_by_extraction(corpus):
-    _, _, _, err = corpus
+    _, _, _, err, _ = corpus
     assert "not_a_video.mp4: cannot be opened as a video" in err
     assert "zero_frames.avi: no frame decoded" in err
-    assert err.count("counted as unreadable_video") == 2
+    assert err.count("counted as unreadable_video") == 4
 
 
 def test_a_source_and_a_split_without_any_sample_are_named(corpus):
-    _, _, rows, _ = corpus
+    _, _, rows, _, _ = corpus
     assert shards.nothing_written(rows) == [("source", "nothing"), ("split", "validation")]
     # and the other sources are intact (checked per video above); the summary adds up
     assert shards.accounting_summary(rows)["total"].sum() == rows.height
+
+
+def test_unusable_videos_stop_the_index_naming_every_file(tmp_path, capsys):
+    source, _ = bad.affwild2_corpus(tmp_path)
+    out = tmp_path / "manifest.parquet"
+    assert index.main(["--source", json.dumps(source), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not out.exists()
+    videos, e = Path(source["videos"]), Path(source["root"]) / bad.EXPR_DIR / "Train_Set"
+    assert "source 'aw': 6 annotated video(s) missing or unusable" in err
+    for name, why in bad.UNUSABLE_VIDEOS.items():
+        if name != "pair.*":
+            assert f"{videos / name}: {why} (annotated by " in err, name
+    for person in ("left", "right"):  # a two-person annotation without its base video
+        assert f"no video file 'pair_{person}' or 'pair' under {videos} (annotated by {e / f'pair_{person}.txt'})" in err
+    # each named once, nothing else named
+    listed = [line for line in err.splitlines() if line.startswith("  ")]
+    assert len(listed) == 6
+    # skip: the same videos are counted (test_every_broken_input_is_counted_and_the_rest_written)
+    assert index.main(["--source", json.dumps(source), "--out", str(out), "--on-unusable-input", "skip"]) == 0
+
+
+def test_summary_names_every_unit_dropped_whole_and_every_file_with_invalid_lines(corpus):
+    root, built, rows, _, issues = corpus
+    text = shards.summary_text(rows, issues)
+    # every video or image dropped whole, from the corpus' own expectations
+    whole = sorted((s["name"], s.get("split", "train"), video, *fate.items())
+                   for s, expected in built for video, fate in expected.items()
+                   if len(fate) == 1 and next(iter(fate)) in shards.WHOLE_UNIT_REASONS)
+    lines = text.split("dropped whole (", 1)[1].split("\n")
+    assert lines[0] == f"{len(whole)} videos or images: every annotated frame or face of each):"
+    assert lines[1:1 + len(whole)] == [f"  {src}/{split}: {video}: {reason} ({n} {'frames' if n != 1 else 'frame'})"
+                                       for src, split, video, (reason, n) in whole]
+    assert {w[2] for w in whole} >= {"zero_bytes", "cut", "not_a_video", "zero_frames", "pair_left", "pair_right",
+                                     "corrupt.jpg", "empty.jpg", "folder.jpg", "missing.jpg", "a.jpg"}
+    # why, as the index found it
+    videos = Path(built[0][0]["videos"])
+    for name, why in bad.UNUSABLE_VIDEOS.items():
+        if name != "pair.*":
+            assert f"  aw: {videos / name}: {why} (annotated by " in text
+    # files with invalid lines: the first 3 lines of each, with their line numbers
+    e = Path(built[0][0]["root"]) / bad.EXPR_DIR / "Train_Set"
+    va = Path(built[0][0]["root"]) / bad.VA_DIR / "Train_Set"
+    assert f"  aw: {e / 'non_numeric.txt'}: 3 invalid: line 3: 'x'; line 5: ''; line 7: 'five'\n" in text
+    assert f"  aw: {e / 'out_of_range.txt'}: 3 invalid: line 3: '8'; line 4: '-2'; line 7: '100'\n" in text
+    assert f"  aw: {va / 'out_of_range.txt'}: 1 invalid: line 3: '1.5,0'\n" in text
+    assert f"  aw: {va / 'nan.txt'}: 3 invalid: line 2: 'nan,0.1'; line 3: '0.1,NaN'; line 5: 'inf,0'\n" in text
+    assert f"  aw/train expr: {e / 'header_only.txt'}\n" in text
 
 
 @pytest.mark.parametrize("builder, problem", [(bad.wrong_header, "wrong header"),

@@ -73,7 +73,7 @@ def test_annotation_without_video_stops_the_index_or_is_counted_when_skipped(aff
     ghost_file = write(affwild2 / "EXPR_Classification_Challenge" / "Train_Set" / "ghost_left.txt",
                        EXPR_HEADER + "\n1\n1\n")
     src = {"name": "aw", "kind": "affwild2", "root": str(affwild2)}
-    with pytest.raises(index.UnusableInputError, match=rf"no video file 'ghost_left' under .*videos "
+    with pytest.raises(index.UnusableInputError, match=rf"no video file 'ghost_left' or 'ghost' under .*videos "
                                                       rf"\(annotated by {ghost_file}\)"):
         index.index_source(src)
     issues = []
@@ -140,3 +140,54 @@ def test_expw_and_cli_writes_checked_manifest(tmp_path):
     write(root / "label" / "label.lst", "x.jpg 0 5 6 50\n")
     with pytest.raises(index.AnnotationError, match=r"label\.lst:1: expected 8 fields"):
         index.index_source(src)
+
+
+# ---- split leaks ----------------------------------------------------------------------------------
+def test_same_video_in_two_splits_is_an_error_naming_both_files(affwild2):
+    e = affwild2 / "EXPR_Classification_Challenge"
+    train = write(e / "Train_Set" / "V.txt", EXPR_HEADER + "\n1\n")
+    val = write(e / "Validation_Set" / "V.txt", EXPR_HEADER + "\n2\n")
+    write_video(affwild2 / "videos" / "V.avi", [BRIGHT] * 2)
+    src = {"name": "aw", "kind": "affwild2", "root": str(affwild2)}
+    with pytest.raises(layout.SplitLeakError, match=rf"'V' is annotated in splits train and validation: "
+                                                    rf"{train} and {val}"):
+        index.index_source(src)
+    # the same leak through another task: EXPR in train, VA in validation
+    val.unlink()
+    va_val = write(affwild2 / "VA_Estimation_Challenge" / "Validation_Set" / "V.txt", VA_HEADER + "\n0.1,0.2\n")
+    with pytest.raises(layout.SplitLeakError, match=rf"'V' is annotated in splits train and validation: "
+                                                    rf"{train} and {va_val}"):
+        index.index_source(src)
+    # two native folders mapped to one split: two EXPR files for one video
+    va_val.unlink()
+    write(e / "Validation_Set" / "V.txt", EXPR_HEADER + "\n2\n")
+    with pytest.raises(layout.SplitLeakError, match=rf"'V' has two EXPR files in split train: {train} and {val}"):
+        index.index_source({**src, "splits": {"Train_Set": "train", "Validation_Set": "train"}})
+
+
+def test_people_of_one_video_in_two_splits_are_allowed_and_warned_about_once(affwild2, capsys):
+    from ferflow import shards
+
+    e = affwild2 / "EXPR_Classification_Challenge"
+    write(e / "Train_Set" / "X_left.txt", EXPR_HEADER + "\n1\n1\n")
+    write(e / "Validation_Set" / "X_right.txt", EXPR_HEADER + "\n2\n2\n")
+    write_video(affwild2 / "videos" / "X.avi", [BRIGHT] * 2)
+    src = {"name": "aw", "kind": "affwild2", "root": str(affwild2)}
+    issues = []
+    df = index.index_source(src, issues=issues)
+    x = df.filter(pl.col("unit") == "X").sort("video")
+    assert x.select("video", "person", "split").unique(maintain_order=True).rows() == [
+        ("X_left", "left", "train"), ("X_right", "right", "validation")]
+    shared = [i for i in issues if i["reason"] == "shared_video"]
+    assert [(i["file"], i["text"]) for i in shared] == [
+        ("X", "video 'X' has people in more than one split (train: X_left; validation: X_right)")]
+    # the CLI writes them to its issues table; the summary warns once, by name
+    out = affwild2.parent
+    assert index.main(["--source", json.dumps(src), "--out", str(out / "m.parquet"), "--issues", str(out / "i.parquet")]) == 0
+    table = read_table(out / "i.parquet", ISSUES)
+    assert table.filter(pl.col("reason") == "shared_video")["file"].to_list() == ["X"]
+    rows = pl.DataFrame({"source": ["aw"], "split": ["train"], "video": ["X_left"], "frame": [0], "status": ["written"],
+                         "reason": [None], "expr_fate": ["written"], "va_fate": [None]})
+    text = shards.summary_text(rows, table)
+    assert text.count("video 'X' has people in more than one split") == 1
+    assert "warning: aw: video 'X' has people in more than one split (train: X_left; validation: X_right)\n" in text

@@ -241,8 +241,9 @@ def index_affwild2(source: dict, issues: list[dict], on_unusable: str = "stop") 
         if unit.video_path is None:
             for a in unit.annotations:
                 by = ", ".join(a.files.values()) or f"the test list {source.get('test_list')}"
+                names = [a.name] + [a.name[: -len(s)] for s in layout.PERSON_SUFFIXES if a.name.endswith(s)]
                 unusable.append((a.split, f"{videos}/{unit.unit}.*", "no_video",
-                                 f"no video file {unit.unit!r} under {videos} (annotated by {by})"))
+                                 f"no video file {' or '.join(map(repr, names))} under {videos} (annotated by {by})"))
             continue
         why = probe_video(unit.video_path)
         if why is not None:
