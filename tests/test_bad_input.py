@@ -379,6 +379,7 @@ def weird_run(tmp_path_factory):
     overlay = work / "weird.yaml"
     overlay.write_text(json.dumps({
         "demo": {"enabled": False},
+        "on_unusable_input": "skip",
         "results": "rësults 'r'",
         "sources": [
             {"name": "affwild2", "kind": "affwild2", "root": str(aw), "videos": str(aw / "videos"),
@@ -416,3 +417,33 @@ def test_workflow_runs_on_weird_names_with_broken_files_beside(weird_run):
     assert "broken video.mp4: cannot be opened as a video" in \
         (work / "logs" / "extract_video_faces" / "affwild2" / "broken video.log").read_text()
     assert "Nothing to be done" in snakemake(work, "-n", configs=(CONFIG, TINY, work / "weird.yaml")).stdout
+    # the end-of-run summary (printed, and in accounting.txt) names what was dropped whole and why
+    summary = (results / "accounting.txt").read_text()
+    assert summary in proc.stdout + proc.stderr
+    assert "  affwild2/train: broken video: unreadable_video (3 frames)\n" in summary
+    assert "  affwild2/train: ghöst 'x'_left: no_video (2 frames)\n" in summary
+    assert f"  affectnet/train: {info['corrupt_rel']}: unreadable_image (1 frame)\n" in summary
+    broken = work / 'dätä "x" y' / "affwild2" / "videos" / "broken video.mp4"
+    assert f"{broken}: cannot be opened as a video" in summary
+
+
+@pytest.mark.slow
+def test_workflow_stops_on_an_unusable_video_before_any_extraction(tmp_path):
+    aw = tmp_path / "aw"
+    from test_accounting import write_video
+
+    write_video(aw / "videos" / "good.avi", [bad.BRIGHT] * 4)
+    bad.annotation(aw / bad.EXPR_DIR / "Train_Set" / "good.txt", ["1"] * 4)
+    broken = bad.not_a_video(aw / "videos" / "broken.mp4")
+    bad.annotation(aw / bad.EXPR_DIR / "Train_Set" / "broken.txt", ["1", "2"])
+    overlay = tmp_path / "stop.yaml"
+    overlay.write_text(json.dumps({"demo": {"enabled": False}, "sources": [
+        {"name": "aw", "kind": "affwild2", "root": str(aw), "videos": str(aw / "videos")}]}))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = snakemake(work, configs=(CONFIG, TINY, overlay), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{broken}: cannot be opened as a video (annotated by " in out   # printed, not only in the log
+    assert "Error in rule index_source" in out
+    assert not (work / "results" / "faces").exists() and not (work / "logs" / "extract_video_faces").exists()
