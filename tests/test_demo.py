@@ -213,7 +213,7 @@ def _pick(boxes: np.ndarray, person: str, width: int) -> np.ndarray | None:
 def test_labels_are_visible_in_the_crops(tiny, decoded):
     """A linear model on 16x16 crops (what the pipeline crops: 25 % margin) already reads the
     labels of people it never saw; the CNN check of the acceptance criteria is elsewhere."""
-    sk = pytest.importorskip("sklearn.linear_model")
+    import sklearn.linear_model as sk  # a test dependency: never skipped
     data = {"train": ([], []), "validation": ([], [])}
     for unit in demo.plan("tiny").units:
         frames, dets = decoded[unit.stem]
@@ -279,12 +279,8 @@ def test_expw_label_list_and_images_are_native(tiny):
 
 # ---- the README demo --------------------------------------------------------------------------
 @pytest.mark.slow
-def test_small_demo_is_fast_and_haar_finds_its_faces(tmp_path):
-    import time
-
-    t0 = time.perf_counter()
+def test_small_demo_haar_finds_its_faces(tmp_path):
     p = demo.generate(tmp_path, 0, "small")
-    assert time.perf_counter() - t0 < 60  # ~5-8 s on 2 cores
     det = HaarDetector()
     for unit in p.units:
         frames = _frames(tmp_path / unit.file)[::3]

@@ -85,10 +85,9 @@ def test_a_killed_holder_releases_its_device(tmp_path, no_cuda_env):
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    start = time.monotonic()
-    with devices.claim_device(lock_dir, n_devices=1, timeout=10, poll=0.05) as dev:
+    # once the killed holder is reaped its lock is free at the first try (timeout=0: no waiting)
+    with devices.claim_device(lock_dir, n_devices=1, timeout=0, poll=0.05) as dev:
         assert dev == "0" and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
-    assert time.monotonic() - start < 5
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 

@@ -1,6 +1,10 @@
 """Readers of the native annotation formats, on files written here in those formats."""
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -9,6 +13,23 @@ from ferflow import index, layout
 from ferflow.labels import EXPR_HEADER, VA_HEADER
 from ferflow.schemas import ISSUES, MANIFEST, read_table
 from test_accounting import BRIGHT, write_video
+
+
+def expected_chunk(relative_path: str, chunks: int) -> str:
+    """The chunk layout.chunk_of documents, computed here: the first 8 bytes of the BLAKE2b digest
+    of the UTF-8 path, as a big-endian integer, modulo the number of chunks."""
+    digest = hashlib.blake2b(relative_path.encode("utf-8"), digest_size=8).digest()
+    return "chunk%03d" % (int(digest.hex(), 16) % chunks)
+
+
+def test_chunk_of_is_stable_across_hash_seeds_and_spreads_images():
+    names = [f"{d}/{i}.jpg" for d in range(3) for i in range(40)]
+    assert [layout.chunk_of(n, 7) for n in names] == [expected_chunk(n, 7) for n in names]
+    code = "from ferflow import layout; print(layout.chunk_of('1/a.jpg', 5))"
+    seen = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout.strip() for seed in ("0", "1", "2")}
+    assert seen == {expected_chunk("1/a.jpg", 5)}
+    assert len({layout.chunk_of(n, 7) for n in names}) == 7     # every chunk gets images
 
 
 def write(path, text, mode="w", encoding="utf-8"):
@@ -122,7 +143,7 @@ def test_affectnet_csv_label_map_and_invalid(tmp_path):
     # an image's identity is its path (video) and face number (frame): keys never shift
     assert df["video"].to_list() == ["1/a.jpg", "1/b.jpg", "2/c.jpg", "2/d.jpg", "2/e.jpg"]
     assert set(df["frame"]) == {0}
-    assert df["unit"].to_list() == [layout.chunk_of(v, 2) for v in df["video"]]
+    assert df["unit"].to_list() == [expected_chunk(v, 2) for v in df["video"]]
 
 
 def test_expw_and_cli_writes_checked_manifest(tmp_path):

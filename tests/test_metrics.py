@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+import sklearn.metrics as sklearn_metrics  # a test dependency (pyproject.toml): never skipped
 
 from ferflow import metrics
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def reference_ccc(x, y) -> float:

@@ -26,14 +26,19 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def make_model_file(out: Path, **overrides) -> Path:
-    """A model.pt as ferflow.train writes it, from an untrained model (no training needed here)."""
+def make_model(out: Path, **overrides) -> tuple[Path, torch.nn.Module]:
+    """A model.pt as ferflow.train writes it, from an untrained model (no training needed here), and
+    the model it holds, in memory."""
     settings = train.resolve_settings({"name": "p", "input_size": 32, "heads": 2, "epochs": 1, **overrides})
     torch.manual_seed(0)
     model = build_model(settings)
     model.eval()
     train.write_outputs(out, model, settings, [{"epoch": 1, "lr": 1e-3, "loss_total": 1.0}])
-    return out / "model.pt"
+    return out / "model.pt", model
+
+
+def make_model_file(out: Path, **overrides) -> Path:
+    return make_model(out, **overrides)[0]
 
 
 def test_predict_cli_writes_predictions_for_every_sample(shards, tmp_path):
@@ -61,12 +66,12 @@ def test_predict_cli_writes_predictions_for_every_sample(shards, tmp_path):
 
 def test_predictions_match_the_model_in_process(shards, tmp_path):
     """Batching and ordering do not change the numbers: compare with a direct forward pass."""
-    model_path = make_model_file(tmp_path / "m")
+    # the expected numbers come from the model that was saved, never from predict.load_model
+    model_path, model = make_model(tmp_path / "m")
     out = tmp_path / "v.parquet"
     assert predict.main(["--model", str(model_path), "--shards", str(shards), "--split", "validation",
                          "--out", str(out), "--device", "cpu", "--batch-size", "4"]) == 0
     pred = schemas.read_table(out, schemas.PREDICTIONS)
-    model, settings = predict.load_model(model_path, torch.device("cpu"))
     from ferflow import data
 
     loader, _ = data.make_loader(shards, "validation", batch_size=64, input_size=32, train=False)

@@ -14,6 +14,7 @@ from ferflow import index, layout
 from ferflow.labels import EXPR_HEADER, VA_HEADER
 from ferflow.schemas import WHOLE_VIDEO
 from test_accounting import BRIGHT, write_video
+from test_index import expected_chunk
 
 
 def write(path, text):
@@ -82,7 +83,7 @@ def test_affectnet_npy_labels_boxes_and_quirks(affectnet_npy):
     assert rows["train_set/images/7.jpg"]["expression"] == 1
     assert rows["train_set/images/8.jpg"]["drop"] == "invalid_value"
     assert rows["val_set/images/10.jpg"]["split"] == "validation"
-    assert df["unit"].to_list() == [layout.chunk_of(v, 3) for v in df["video"]]
+    assert df["unit"].to_list() == [expected_chunk(v, 3) for v in df["video"]]
 
 
 def test_affectnet_validation_split_can_be_dropped_or_used_alone(affectnet_npy, tmp_path):
@@ -369,3 +370,103 @@ def test_workflow_dry_run_wires_new_kinds_and_extracts_test_videos(affwild2_with
     bad.write_text(yaml.safe_dump({"sources": [{"name": "ai", "kind": "aihub", "root": str(aihub), "vote": "most"}]}))
     proc = snakemake(work, "-n", configs=(CONFIG, TINY, extra, bad), check=False)
     assert proc.returncode != 0 and "most" in proc.stdout + proc.stderr
+
+
+# ---- label maps, pinned code by code to each dataset's own documentation ---------------------------
+# Written here from the datasets' documentation, independent of ferflow's tables (a swapped code in
+# src/ or config.yaml turns these red). ABAW / Aff-Wild2 EXPR order, as the EXPR files' header lists it:
+AFFWILD2_EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other"
+ABAW = {name: i for i, name in enumerate(AFFWILD2_EXPR_HEADER.split(","))}
+# ExpW (label.lst): 0 angry, 1 disgust, 2 fear, 3 happy, 4 sad, 5 surprise, 6 neutral
+EXPW_TO_ABAW = {0: ABAW["Anger"], 1: ABAW["Disgust"], 2: ABAW["Fear"], 3: ABAW["Happiness"], 4: ABAW["Sadness"],
+                5: ABAW["Surprise"], 6: ABAW["Neutral"]}
+# AffectNet: 0 Neutral, 1 Happiness, 2 Sadness, 3 Surprise, 4 Fear, 5 Disgust, 6 Anger, 7 Contempt
+# (-> Other), 8 None, 9 Uncertain, 10 No-Face (not expressions: dropped)
+AFFECTNET_TO_ABAW = {0: ABAW["Neutral"], 1: ABAW["Happiness"], 2: ABAW["Sadness"], 3: ABAW["Surprise"],
+                     4: ABAW["Fear"], 5: ABAW["Disgust"], 6: ABAW["Anger"], 7: ABAW["Other"],
+                     8: None, 9: None, 10: None}
+# AI-Hub: the paper's subset, 중립 neutral, 분노 anger, 불안 anxiety -> Fear, 당황 embarrassment ->
+# Surprise; 기쁨 joy, 슬픔 sadness, 상처 hurt left out
+AIHUB_TO_ABAW = {"중립": ABAW["Neutral"], "분노": ABAW["Anger"], "불안": ABAW["Fear"], "당황": ABAW["Surprise"],
+                 "기쁨": None, "슬픔": None, "상처": None}
+
+
+def config_label_map(kind):
+    """The label_map config.yaml gives its source of ``kind`` (None: the kind's default is used)."""
+    import yaml
+
+    from workflow_helpers import CONFIG
+
+    return next((s.get("label_map") for s in yaml.safe_load(CONFIG.read_text())["sources"] if s["kind"] == kind), None)
+
+
+def test_abaw_order_is_the_affwild2_header():
+    from ferflow.labels import EXPRESSIONS
+
+    assert EXPR_HEADER == AFFWILD2_EXPR_HEADER
+    assert {name: i for i, name in enumerate(EXPRESSIONS)} == ABAW
+
+
+def test_affwild2_expr_codes_and_va_columns_read_through_the_native_files(tmp_path):
+    root = tmp_path / "aw"
+    write_video(root / "videos" / "v.avi", [BRIGHT] * 2)
+    write(root / "EXPR_Classification_Challenge" / "Train_Set" / "v.txt", EXPR_HEADER + "\n" + "\n".join(map(str, range(8))) + "\n")
+    # valence and arousal differ on every line (arousal read from the valence column would show)
+    va = [(round(-0.7 + 0.2 * i, 2), round(0.9 - 0.25 * i, 2)) for i in range(8)]
+    write(root / "VA_Estimation_Challenge" / "Train_Set" / "v.txt", VA_HEADER + "\n" + "\n".join(f"{v},{a}" for v, a in va) + "\n")
+    df = index.index_source({"name": "aw", "kind": "affwild2", "root": str(root)}).sort("frame")
+    assert df["expression"].to_list() == [ABAW[name] for name in AFFWILD2_EXPR_HEADER.split(",")]
+    assert df["valence"].to_list() == pytest.approx([v for v, _ in va])
+    assert df["arousal"].to_list() == pytest.approx([a for _, a in va])
+
+
+@pytest.mark.parametrize("label_map", ["default", "config.yaml"])
+def test_expw_codes_map_as_documented(tmp_path, label_map):
+    root = tmp_path / "expw"
+    write(root / "label" / "label.lst", "".join(f"x.jpg {c} 0 0 9 9 0.9 {c}\n" for c in EXPW_TO_ABAW))
+    src = {"name": "expw", "kind": "expw", "root": str(root), "split": "train"}
+    if label_map == "config.yaml":
+        src["label_map"] = config_label_map("expw")
+    df = index.index_source(src).sort("frame")
+    assert dict(zip(df["frame"].to_list(), df["expression"].to_list())) == EXPW_TO_ABAW
+
+
+@pytest.mark.parametrize("label_map", ["default", "config.yaml"])
+def test_affectnet_codes_and_va_map_as_documented(tmp_path, label_map):
+    root = tmp_path / "an"
+    header = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal\n"
+    va = {c: (round(-0.8 + 0.15 * c, 3), round(0.7 - 0.12 * c, 3)) for c in AFFECTNET_TO_ABAW}
+    write(root / "Manually_Annotated_file_lists" / "training.csv",
+          header + "".join(f"{c}/i.jpg,0,0,9,9,,{c},{va[c][0]},{va[c][1]}\n" for c in AFFECTNET_TO_ABAW))
+    src = {"name": "an", "kind": "affectnet", "root": str(root), "splits": {"training": "train"}}
+    if label_map == "config.yaml":
+        src["label_map"] = config_label_map("affectnet")
+    rows = {int(r["video"].split("/")[0]): r for r in index.index_source(src).iter_rows(named=True)}
+    assert {c: r["expression"] for c, r in rows.items()} == AFFECTNET_TO_ABAW
+    assert {c: r["expr_status"] for c, r in rows.items()} == {
+        c: "usable" if abaw is not None else "unmapped_label" for c, abaw in AFFECTNET_TO_ABAW.items()}
+    assert {c: r["valence"] for c, r in rows.items()} == pytest.approx({c: v for c, (v, _) in va.items()})
+    assert {c: r["arousal"] for c, r in rows.items()} == pytest.approx({c: a for c, (_, a) in va.items()})
+
+
+def test_affectnet_npy_codes_map_as_documented(tmp_path):
+    root = tmp_path / "an8"
+    for c in range(8):
+        image(root / "train_set" / "images" / f"{c}.jpg")
+        (root / "train_set" / "annotations").mkdir(parents=True, exist_ok=True)
+        np.save(root / "train_set" / "annotations" / f"{c}_exp.npy", np.array(str(c)))
+    df = index.index_source({"name": "an8", "kind": "affectnet_npy", "root": str(root), "tasks": ["expr"],
+                             "splits": {"train_set": "train"}})
+    got = {int(v.split("/")[-1].split(".")[0]): e for v, e in zip(df["video"], df["expression"])}
+    assert got == {c: AFFECTNET_TO_ABAW[c] for c in range(8)}
+
+
+def test_aihub_default_map_is_the_papers_subset(tmp_path):
+    root = tmp_path / "ai"
+    items = [{"filename": f"{i}.jpg", **{f"annot_{k}": annot(emotion) for k in "ABC"}}
+             for i, emotion in enumerate(AIHUB_TO_ABAW)]
+    for it in items:
+        image(root / it["filename"], 100, 100)
+    (root / "labels.json").write_bytes(json.dumps(items, ensure_ascii=False).encode("utf-8"))
+    rows = by_video(index.index_source({"name": "ai", "kind": "aihub", "root": str(root)}))
+    assert {emotion: rows[f"{i}.jpg"]["expression"] for i, emotion in enumerate(AIHUB_TO_ABAW)} == AIHUB_TO_ABAW
