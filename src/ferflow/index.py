@@ -19,10 +19,19 @@ Kinds (native layouts in ``docs/formats.md``):
 
 Images: ``video`` is the image's path relative to the source (:func:`layout.image_name`), ``frame``
 the face's number in the image, so sample keys never change when images are added. The same face
-listed twice (also across splits) is kept once; the other rows are dropped as ``duplicate``.
+listed twice in one split is kept once; the other rows are dropped as ``duplicate``.
+
+Labels are accounted per task: each row's ``expr_status`` / ``va_status`` is null when the row has no
+line (value) for the task, ``usable``, or why the label is dropped (``invalid_value``,
+``unannotated``, ``unmapped_label``, ``no_consensus``), whatever becomes of the frame. Errors (the
+message names the files): an unreadable annotation file, an annotated video or image in two splits
+(:class:`layout.SplitLeakError`), and, unless ``--on-unusable-input skip``, every annotated video
+that is missing or cannot be opened (:class:`UnusableInputError`). What the summary must name
+(invalid lines with their numbers, header-only files, unusable videos, videos whose people are in
+two splits) goes to ``--issues`` (schema ISSUES).
 
     python -m ferflow.index --source '{"name": "affwild2", "kind": "affwild2", "root": ...}' \
-        --out results/manifest/affwild2.parquet
+        --out results/manifest/affwild2.parquet --issues results/issues/affwild2.parquet
 """
 
 from __future__ import annotations

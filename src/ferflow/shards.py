@@ -10,7 +10,15 @@ up. A summary table is printed.
 The invariant, per source and split: accounting rows == annotated manifest rows (one per annotated
 frame or face) + the decoded frames of each test video (1 for a test video without frames);
 written + dropped == accounting rows; written == labels.parquet rows == shard members. Test frames
-are not annotated frames: the summary counts them in their own ``test`` split.
+are not annotated frames: the summary counts them in their own ``test`` split. Per task (EXPR, VA)
+as well: annotated lines (manifest rows with a status for the task) == labels written + labels
+dropped with a reason (``expr_fate`` / ``va_fate`` of the accounting); a label is ``written``
+exactly where the written sample carries it, and labels.parquet holds exactly those.
+
+The end-of-run summary (printed, and ``--summary``) has both tables and names every video or image
+dropped whole, every annotation file with invalid lines (first lines, with numbers), every
+header-only annotation file and every video whose people are in two splits (from the index's
+``--issues`` tables).
 
 Shards: ``<out>/<split>/shard-{i:05d}.tar``, samples shuffled across videos and sources with a
 seed, ``samples_per_shard`` per shard (the last one smaller), members ``<key>.jpg`` only.
