@@ -370,6 +370,12 @@ def test_workflow_dry_run_wires_new_kinds_and_extracts_test_videos(affwild2_with
     bad.write_text(yaml.safe_dump({"sources": [{"name": "ai", "kind": "aihub", "root": str(aihub), "vote": "most"}]}))
     proc = snakemake(work, "-n", configs=(CONFIG, TINY, extra, bad), check=False)
     assert proc.returncode != 0 and "most" in proc.stdout + proc.stderr
+    # a video annotated in two splits stops the run when the workflow is read, naming both files
+    leak = write(root / "EXPR_Classification_Challenge" / "Validation_Set" / "train1.txt", EXPR_HEADER + "\n1\n")
+    proc = snakemake(work, "-n", configs=(CONFIG, TINY, extra), check=False)
+    train1 = root / "EXPR_Classification_Challenge" / "Train_Set" / "train1.txt"
+    assert proc.returncode != 0
+    assert f"'train1' is annotated in splits train and validation: {train1} and {leak}" in proc.stdout + proc.stderr
 
 
 # ---- label maps, pinned code by code to each dataset's own documentation ---------------------------
