@@ -158,12 +158,6 @@ def read_affwild2_file(path: str, task: str) -> tuple[list, list[str | None], li
     return values, reasons, body
 
 
-def parse_affwild2_file(path: str, task: str) -> tuple[list, list[str | None]]:
-    """Values per frame and a reason per frame (None where usable); see :func:`read_affwild2_file`."""
-    values, reasons, _ = read_affwild2_file(path, task)
-    return values, reasons
-
-
 def _parse_expr(text: str):
     try:
         v = int(text)
@@ -205,7 +199,6 @@ class UnusableInputError(ValueError):
 
 
 ON_UNUSABLE = ("stop", "skip")
-MAX_LISTED = 3  # invalid lines listed per file in the issues' messages
 
 
 def probe_video(path: str) -> str | None:
