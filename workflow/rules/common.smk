@@ -161,10 +161,8 @@ def index_inputs(wildcards):
     extra = [src["test_list"]] if src.get("test_list") else []
     if is_demo_path(src["root"]):
         return demo_files() + extra
-    if src["kind"] in VIDEO_KINDS:  # and the videos: the index checks that each can be opened
-        units_ = video_units(wildcards.source)
-        return (sorted(f for u in units_ for a in u.annotations for f in a.files.values())
-                + sorted(u.video_path for u in units_ if u.video_path) + extra)
+    if src["kind"] in VIDEO_KINDS:
+        return sorted(f for u in video_units(wildcards.source) for a in u.annotations for f in a.files.values()) + extra
     splits = src.get("splits")
     if src["kind"] == "affectnet":
         used = [n for n, s in (splits or {"training": 0, "validation": 0}).items() if s is not None]
@@ -176,6 +174,16 @@ def index_inputs(wildcards):
     if src["kind"] == "expw":
         return [os.path.join(src["root"], "label", "label.lst")]
     return [src["root"]]
+
+
+def index_videos(wildcards):
+    """The video files of a video source: the index opens each (missing, empty or unusable videos
+    stop the run, config on_unusable_input), so a replaced video reruns it. Demo videos are in
+    index_inputs already."""
+    src = SOURCES[wildcards.source]
+    if src["kind"] not in VIDEO_KINDS or is_demo_path(src["root"]):
+        return []
+    return sorted(u.video_path for u in video_units(wildcards.source) if u.video_path)
 
 
 def index_is_light():

@@ -1,9 +1,10 @@
 # One manifest per source: every annotated frame/image, labels mapped to the ABAW space.
 rule index_source:
-    # seconds of reading annotation files: run by Snakemake itself, not submitted to a cluster
+    # seconds of reading annotation files and opening each video: run by Snakemake itself, not submitted to a cluster
     localrule: index_is_light()
     input:
-        index_inputs,
+        annotations=index_inputs,
+        videos=index_videos,
     output:
         manifest=f"{RESULTS}/manifest/{{source}}.parquet",
         issues=f"{RESULTS}/issues/{{source}}.parquet",
