@@ -1,0 +1,86 @@
+"""What a trained run decided, for using its ensemble elsewhere: crops, variant weights, smoothing.
+
+``ferflow annotate`` and ``ferflow export`` take them from the run's files, each overridable:
+
+- ``--config`` (default ``./config.yaml`` when it exists): ``extract`` (detector, margin, crop size,
+  ``detect_every``, ...: the detection, tracking and cropping the variants were trained on) and
+  ``variants[].weight`` (the soft-vote weights; valence/arousal are averaged with weight 1, as
+  ``evaluate_ensemble`` does);
+- ``--extract-settings JSON``: extraction keys over the config's;
+- ``--metrics`` (default ``<models>/../evaluation/metrics.json`` when it exists): the smoothing
+  windows chosen on validation (``"smoothed"."window"``); none without it or with ``--no-smoothing``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .evaluate import smoothing_from  # TODO(#14): from .ensemble once split
+from .extract import ExtractSettings
+
+DEFAULT_CONFIG = "config.yaml"
+#: The extraction settings that decide a crop (stored in an exported file's metadata).
+CROP_KEYS = ("detector", "detect_size", "min_score", "margin", "crop_size", "detect_every", "max_jump_iou", "align")
+
+
+@dataclass
+class RunConfig:
+    extract: ExtractSettings
+    weights: dict[str, float]
+    smoothing: dict[str, int]
+    sources: list[str] = field(default_factory=list)  # where each part came from, for the log
+
+    def crop(self) -> dict:
+        settings = asdict(self.extract)
+        return {k: settings[k] for k in CROP_KEYS}
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help=f"the run's config.yaml (extract settings, variant weights; default ./{DEFAULT_CONFIG} if present)")
+    p.add_argument("--metrics", default=None,
+                   help="metrics.json of the run's evaluation, for the smoothing windows chosen on validation "
+                        "(default <models>/../evaluation/metrics.json if present)")
+    p.add_argument("--extract-settings", default=None, metavar="JSON",
+                   help='extraction settings over the config\'s, e.g. \'{"detector": "haar", "detect_every": 1}\'')
+    p.add_argument("--no-smoothing", action="store_true", help="no temporal smoothing")
+
+
+def run_config(config: str | None, metrics: str | None, models_dir: str | os.PathLike | None,
+               extract_json: str | None = None, smoothing: bool = True) -> RunConfig:
+    """Read a run's settings (see the module docstring). ValueError names a file it cannot use."""
+    sources = []
+    extract: dict = {}
+    weights: dict[str, float] = {}
+    if config is None and Path(DEFAULT_CONFIG).is_file():
+        config = DEFAULT_CONFIG
+    if config is not None:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{config}: cannot read the run's config: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{config}: not a ferflow config (a mapping of keys)")
+        extract = dict(data.get("extract") or {})
+        weights = {v["name"]: float(v["weight"]) for v in data.get("variants") or [] if "weight" in v}
+        sources.append(f"extract settings and weights from {config}")
+    if extract_json:
+        try:
+            extract.update(json.loads(extract_json))
+        except ValueError as exc:
+            raise ValueError(f"--extract-settings: not JSON: {exc}") from None
+    windows = {"expr": 0, "va": 0}
+    if smoothing:
+        if metrics is None and models_dir is not None:
+            guess = Path(models_dir).parent / "evaluation" / "metrics.json"
+            metrics = str(guess) if guess.is_file() else None
+        if metrics is not None:
+            windows = smoothing_from(metrics)
+            sources.append(f"smoothing windows {windows} from {metrics}")
+    return RunConfig(ExtractSettings.from_json(json.dumps(extract)), weights, windows, sources)
