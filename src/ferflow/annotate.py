@@ -49,7 +49,7 @@ from .extract import ExtractSettings, VideoError, make_detector, prefetch, read_
 from .faces import align_face, crop_face
 from .inference import Ensemble, InferenceError, OnnxRunner, TorchRunner, load_ensemble
 from .labels import EXPRESSIONS, NUM_EXPRESSIONS
-from .run_config import RunConfig, add_run_arguments, run_config
+from .run_config import RunConfig, add_run_arguments, from_args
 
 log = logging.getLogger("ferflow.annotate")
 
@@ -143,7 +143,7 @@ def model_input(frame: np.ndarray, row: np.ndarray, settings: ExtractSettings, s
     if crop.shape[0] != size:
         shrink = crop.shape[0] / size
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink > 1.25 else cv2.INTER_LINEAR)
-    return crop[:, :, ::-1].transpose(2, 0, 1)
+    return np.ascontiguousarray(crop[:, :, ::-1].transpose(2, 0, 1))
 
 
 def predict_faces(video: str, faces: Faces, settings: ExtractSettings, runner, batch_size: int = 64,
@@ -363,7 +363,7 @@ def _run_for_onnx(args, metadata: dict) -> RunConfig:
     """Crop settings and smoothing from the ONNX file's metadata, unless a config or metrics is given."""
     import json
 
-    run = run_config(args.config, args.metrics, None, args.extract_settings, smoothing=not args.no_smoothing)
+    run = from_args(args, None)
     if args.config is None and not run.sources:  # no config found: the crops the file was exported with
         crop = dict(metadata.get("crop") or {})
         crop.update(json.loads(args.extract_settings) if args.extract_settings else {})
@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             run = _run_for_onnx(args, runner.metadata)
             claim = contextlib.nullcontext(None)
         else:
-            run = run_config(args.config, args.metrics, args.models, args.extract_settings,
-                             smoothing=not args.no_smoothing)
+            run = from_args(args, args.models)
             from .devices import select_device
 
             claim = select_device(args.device, args.lock_dir)

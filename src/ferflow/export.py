@@ -28,7 +28,7 @@ import torch
 
 from .atomic import atomic_path
 from .inference import ONNX_METADATA_KEY, ONNX_OUTPUTS, InferenceError, load_ensemble, onnx_metadata
-from .run_config import RunConfig, add_run_arguments, run_config
+from .run_config import RunConfig, add_run_arguments, from_args
 
 log = logging.getLogger("ferflow.export")
 OPSET = 17
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        run: RunConfig = run_config(args.config, args.metrics, args.models, args.extract_settings)
+        run: RunConfig = from_args(args, args.models)
         metadata = export_onnx(args.models, args.out, run.weights, run.smoothing, run.crop())
     except (InferenceError, ValueError, FileNotFoundError) as exc:
         print(f"ferflow export: error: {exc}", file=sys.stderr)

@@ -6,7 +6,8 @@
   ``detect_every``, ...: the detection, tracking and cropping the variants were trained on) and
   ``variants[].weight`` (the soft-vote weights; valence/arousal are averaged with weight 1, as
   ``evaluate_ensemble`` does);
-- ``--extract-settings JSON``: extraction keys over the config's;
+- ``--extract-settings JSON``: extraction keys over the config's; ``--weights NAME=W ...``: weights
+  over the config's;
 - ``--metrics`` (default ``<models>/../evaluation/metrics.json`` when it exists): the smoothing
   windows chosen on validation (``"smoothed"."window"``); none without it or with ``--no-smoothing``.
 """
@@ -18,6 +19,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from .evaluate import smoothing_from  # TODO(#14): from .ensemble once split
 from .extract import ExtractSettings
@@ -47,11 +49,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "(default <models>/../evaluation/metrics.json if present)")
     p.add_argument("--extract-settings", default=None, metavar="JSON",
                    help='extraction settings over the config\'s, e.g. \'{"detector": "haar", "detect_every": 1}\'')
+    p.add_argument("--weights", nargs="*", default=[], metavar="NAME=W",
+                   help="soft-vote weights of the variants, over the config's (default 1)")
     p.add_argument("--no-smoothing", action="store_true", help="no temporal smoothing")
 
 
 def run_config(config: str | None, metrics: str | None, models_dir: str | os.PathLike | None,
-               extract_json: str | None = None, smoothing: bool = True) -> RunConfig:
+               extract_json: str | None = None, smoothing: bool = True, weight_args: Sequence[str] = ()) -> RunConfig:
     """Read a run's settings (see the module docstring). ValueError names a file it cannot use."""
     sources = []
     extract: dict = {}
@@ -70,6 +74,14 @@ def run_config(config: str | None, metrics: str | None, models_dir: str | os.Pat
         extract = dict(data.get("extract") or {})
         weights = {v["name"]: float(v["weight"]) for v in data.get("variants") or [] if "weight" in v}
         sources.append(f"extract settings and weights from {config}")
+    for item in weight_args:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            weights[name] = -1.0
+        if not name or not weights[name] > 0:
+            raise ValueError(f"--weights: expected NAME=W with W > 0, got {item!r}")
     if extract_json:
         try:
             extract.update(json.loads(extract_json))
@@ -84,3 +96,9 @@ def run_config(config: str | None, metrics: str | None, models_dir: str | os.Pat
             windows = smoothing_from(metrics)
             sources.append(f"smoothing windows {windows} from {metrics}")
     return RunConfig(ExtractSettings.from_json(json.dumps(extract)), weights, windows, sources)
+
+
+def from_args(args: argparse.Namespace, models_dir: str | os.PathLike | None) -> RunConfig:
+    """:func:`run_config` from the options of :func:`add_run_arguments`."""
+    return run_config(args.config, args.metrics, models_dir, args.extract_settings,
+                      smoothing=not args.no_smoothing, weight_args=args.weights)

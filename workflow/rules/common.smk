@@ -31,7 +31,7 @@ if len(SOURCES) != len(config["sources"]):
 # Per-stage code versions: a stage reruns when the code it runs changes, and only then. The
 # modules of a stage are its CLI module and every ferflow module it imports, transitively.
 STAGE_ENTRY = {"demo": "demo", "index": "index", "extract": "extract", "shards": "shards",
-               "train": "train", "predict": "predict", "evaluate": "evaluate"}
+               "train": "train", "predict": "predict", "evaluate": "evaluate", "annotate": "annotate"}
 
 
 def _imports(module):
@@ -259,7 +259,7 @@ def final_outputs():
     outputs = [f"{RESULTS}/evaluation/metrics.json"]
     if test_lists():
         outputs.append(f"{RESULTS}/submission/metrics.json")
-    return outputs
+    return outputs + annotate_outputs(annotate_demo_videos())  # see annotate.smk
 
 
 def print_summary():
