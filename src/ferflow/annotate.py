@@ -27,7 +27,6 @@ plot and video.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -44,6 +43,7 @@ import polars as pl
 from . import plots, schemas
 from .atomic import atomic_path
 from .demo import write_video
+from .devices import select_device
 from .evaluate import Aligned, smooth, soft_vote  # TODO(#14): from .ensemble once split
 from .extract import ExtractSettings, VideoError, make_detector, prefetch, read_frames, track_all_faces
 from .faces import align_face, crop_face
@@ -364,7 +364,7 @@ def _run_for_onnx(args, metadata: dict) -> RunConfig:
     import json
 
     run = from_args(args, None)
-    if args.config is None and not run.sources:  # no config found: the crops the file was exported with
+    if run.config is None:  # no config: the crops the file was exported with
         crop = dict(metadata.get("crop") or {})
         crop.update(json.loads(args.extract_settings) if args.extract_settings else {})
         run.extract = ExtractSettings.from_json(json.dumps(crop))
@@ -384,26 +384,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         videos = list_videos(args.inputs)
-        if args.onnx:
-            runner = OnnxRunner(args.onnx, args.threads)
-            run = _run_for_onnx(args, runner.metadata)
-            claim = contextlib.nullcontext(None)
-        else:
-            run = from_args(args, args.models)
-            from .devices import select_device
-
-            claim = select_device(args.device, args.lock_dir)
+        runner = OnnxRunner(args.onnx, args.threads) if args.onnx else None
+        run = _run_for_onnx(args, runner.metadata) if args.onnx else from_args(args, args.models)
     except (AnnotateError, InferenceError, ValueError, FileNotFoundError) as exc:
         print(f"ferflow annotate: error: {exc}", file=sys.stderr)
         return 2
     for line in run.sources:
         log.info("%s", line)
     failed = 0
-    with claim as device:
+    with select_device(args.device, args.lock_dir) as device:  # the detector's (and PyTorch's) device
         try:
-            if not args.onnx:
+            if runner is None:
                 runner = TorchRunner(load_ensemble(args.models, run.weights, device=device), device)
-            detector = make_detector(run.extract, str(device) if device is not None else "cpu")
+            detector = make_detector(run.extract, str(device))
         except (InferenceError, ValueError, FileNotFoundError) as exc:
             print(f"ferflow annotate: error: {exc}", file=sys.stderr)
             return 2

@@ -35,6 +35,7 @@ class RunConfig:
     weights: dict[str, float]
     smoothing: dict[str, int]
     sources: list[str] = field(default_factory=list)  # where each part came from, for the log
+    config: str | None = None  # the config file read, if any
 
     def crop(self) -> dict:
         settings = asdict(self.extract)
@@ -95,7 +96,7 @@ def run_config(config: str | None, metrics: str | None, models_dir: str | os.Pat
         if metrics is not None:
             windows = smoothing_from(metrics)
             sources.append(f"smoothing windows {windows} from {metrics}")
-    return RunConfig(ExtractSettings.from_json(json.dumps(extract)), weights, windows, sources)
+    return RunConfig(ExtractSettings.from_json(json.dumps(extract)), weights, windows, sources, config)
 
 
 def from_args(args: argparse.Namespace, models_dir: str | os.PathLike | None) -> RunConfig:
