@@ -62,7 +62,7 @@ def _check_onnx_equals_torch(models: Path, tmp_path: Path, weights: dict) -> Non
 
 
 def _config(root: Path, weights: dict) -> Path:
-    path = root / "config.yaml"
+    path = root / "run.yaml"
     variants = ", ".join(f"{{name: {n}, weight: {w}}}" for n, w in weights.items())
     path.write_text(f"variants: [{variants}]\n")
     return path
@@ -103,7 +103,8 @@ def test_onnx_equals_pytorch_on_a_trained_ensemble(trained_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_annotate_with_onnx_gives_the_pytorch_table(trained_models, tmp_path):
+def test_annotate_with_onnx_gives_the_pytorch_table(trained_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./config.yaml: with --onnx, the crop settings come from the file
     write_two_faces(tmp_path / "two.mp4", 10)
     onnx = tmp_path / "ensemble.onnx"
     config = _config(tmp_path, {"a": 1.0})
