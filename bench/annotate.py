@@ -41,7 +41,6 @@ from ferflow.detect import HaarDetector  # noqa: E402
 from ferflow.extract import ExtractSettings, read_frames  # noqa: E402
 from ferflow.inference import OnnxRunner, TorchRunner, load_ensemble  # noqa: E402
 from ferflow.model import build_model  # noqa: E402
-from ferflow.run_config import RunConfig  # noqa: E402
 
 VARIANTS = (("dan4_s1", 4), ("dan4_s2", 4), ("dan2_s3", 2))
 
@@ -116,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     n_frames = make_video(video, args.frames)
     models = make_models(tmp / "models", args.input_size)
     settings = ExtractSettings(detector="haar")
-    run = RunConfig(settings, {}, {"expr": 0, "va": 0})
     detector = HaarDetector(detect_size=settings.detect_size)
     net = load_ensemble(models)
     backends = {}
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = TorchRunner(net)
             backends[name] = (runner, TorchOne(runner))
         elif name == "onnx":
-            export.export_onnx(models, tmp / "ensemble.onnx", crop=run.crop())
+            export.export_onnx(models, tmp / "ensemble.onnx", crop=export.crop_settings({"detector": "haar"}))
             runner = OnnxRunner(tmp / "ensemble.onnx", args.threads)
             backends[name] = (runner, OnnxOne(runner))
         else:
@@ -134,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(ResNet-18, {args.input_size} px); Haar detector; {args.threads} threads; {args.rounds} rounds")
     for name, (runner, one) in backends.items():
         def ours():
-            out = annotate.annotate_video(video, tmp / "out", runner, run, detector, args.batch_size,
-                                          progress=False, plot=False)
+            out = annotate.annotate_video(video, tmp / "out", runner, settings, {"expr": 0, "va": 0}, detector,
+                                          args.batch_size, progress=False, plot=False)
             return out.n_frames
 
         def loop():

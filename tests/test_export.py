@@ -139,3 +139,17 @@ def test_models_that_cannot_be_exported_are_clear_errors(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"not onnx")
     with pytest.raises(InferenceError, match="x.onnx"):
         read_onnx_metadata(tmp_path / "x.onnx")
+
+
+def test_the_export_rule_environment_is_the_pipeline_one_plus_the_onnx_extra():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def pip(name):
+        env = yaml.safe_load((repo / "envs" / name).read_text())
+        return next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+
+    extra = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]["onnx"]
+    assert sorted(pip("ferflow-onnx.yaml")) == sorted(pip("ferflow.yaml") + extra)

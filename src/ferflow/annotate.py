@@ -27,6 +27,7 @@ plot and video.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -44,7 +45,7 @@ from . import plots, schemas
 from .atomic import atomic_path
 from .demo import write_video
 from .devices import select_device
-from .evaluate import Aligned, smooth, soft_vote  # TODO(#14): from .ensemble once split
+from .ensemble import Aligned, smooth, soft_vote
 from .extract import ExtractSettings, VideoError, make_detector, prefetch, read_frames, track_all_faces
 from .faces import align_face, crop_face
 from .inference import Ensemble, InferenceError, OnnxRunner, TorchRunner, load_ensemble
@@ -302,24 +303,26 @@ class Outputs:
     seconds: float
 
 
-def annotate_video(video: str | os.PathLike, out_dir: str | os.PathLike, runner, run: RunConfig, detector,
-                   batch_size: int = 64, write_annotated: bool = False, progress: bool | None = None,
-                   plot: bool = True) -> Outputs:
-    """Annotate one video (see the module docstring); :class:`AnnotateError` naming it when unreadable."""
+def annotate_video(video: str | os.PathLike, out_dir: str | os.PathLike, runner, settings: ExtractSettings,
+                   smoothing: Mapping[str, int], detector, batch_size: int = 64, write_annotated: bool = False,
+                   progress: bool | None = None, plot: bool = True) -> Outputs:
+    """Annotate one video (see the module docstring) with ``runner`` (a :mod:`ferflow.inference`
+    runner), the crops of ``settings``, the windows ``smoothing`` (``{"expr": W, "va": W}``) and
+    ``detector``; :class:`AnnotateError` naming the video when it cannot be read."""
     t0 = time.perf_counter()
     video, out_dir = str(video), Path(out_dir)
     name = Path(video).stem
     info = video_info(video)
     try:
-        faces, n_frames = find_faces(video, run.extract, detector)
+        faces, n_frames = find_faces(video, settings, detector)
     except VideoError as exc:
         raise AnnotateError(str(exc)) from None
     if n_frames == 0:
         raise AnnotateError(f"{video}: no frame could be decoded")
-    variant_probs, variant_va = predict_faces(video, faces, run.extract, runner, batch_size, progress)
+    variant_probs, variant_va = predict_faces(video, faces, settings, runner, batch_size, progress)
     probs, va = vote(runner.ensemble, variant_probs, variant_va)
-    probs = smooth_tracks(faces, probs, run.smoothing.get("expr", 0))
-    va = smooth_tracks(faces, va, run.smoothing.get("va", 0))
+    probs = smooth_tracks(faces, probs, smoothing.get("expr", 0))
+    va = smooth_tracks(faces, va, smoothing.get("va", 0))
     table = annotation_table(name, n_frames, info.fps, faces, probs, va)
     paths = {"parquet": out_dir / f"{name}.parquet", "csv": out_dir / f"{name}.csv"}
     schemas.write_table(table, paths["parquet"], schemas.ANNOTATIONS)
@@ -361,13 +364,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _run_for_onnx(args, metadata: dict) -> RunConfig:
     """Crop settings and smoothing from the ONNX file's metadata, unless a config or metrics is given."""
-    import json
-
     run = from_args(args, None)
     if run.config is None:  # no config: the crops the file was exported with
-        crop = dict(metadata.get("crop") or {})
-        crop.update(json.loads(args.extract_settings) if args.extract_settings else {})
-        run.extract = ExtractSettings.from_json(json.dumps(crop))
+        run.extract = {**(metadata.get("crop") or {}), **run.extract}
         run.sources.append(f"extract settings from {args.onnx}")
     if args.metrics is None and not args.no_smoothing:
         run.smoothing = {k: int(metadata["smoothing"][k]) for k in ("expr", "va")}
@@ -386,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         videos = list_videos(args.inputs)
         runner = OnnxRunner(args.onnx, args.threads) if args.onnx else None
         run = _run_for_onnx(args, runner.metadata) if args.onnx else from_args(args, args.models)
+        settings = ExtractSettings.from_json(json.dumps(run.extract))
     except (AnnotateError, InferenceError, ValueError, FileNotFoundError) as exc:
         print(f"ferflow annotate: error: {exc}", file=sys.stderr)
         return 2
@@ -396,16 +396,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if runner is None:
                 runner = TorchRunner(load_ensemble(args.models, run.weights, device=device), device)
-            detector = make_detector(run.extract, str(device))
+            detector = make_detector(settings, str(device))
         except (InferenceError, ValueError, FileNotFoundError) as exc:
             print(f"ferflow annotate: error: {exc}", file=sys.stderr)
             return 2
-        log.info("ensemble: %s; detector %s, detect_every %d", runner.ensemble.names, run.extract.detector,
-                 run.extract.detect_every)
+        log.info("ensemble: %s; detector %s, detect_every %d", runner.ensemble.names, settings.detector,
+                 settings.detect_every)
         for video in videos:
             try:
-                out = annotate_video(video, args.out, runner, run, detector, args.batch_size, args.video,
-                                     progress=False if args.no_progress else None)
+                out = annotate_video(video, args.out, runner, settings, run.smoothing, detector, args.batch_size,
+                                     args.video, progress=False if args.no_progress else None)
             except AnnotateError as exc:
                 print(f"ferflow annotate: error: {exc}", file=sys.stderr)
                 failed += 1

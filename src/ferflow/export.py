@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Mapping
 
@@ -28,10 +29,20 @@ import torch
 
 from .atomic import atomic_path
 from .inference import ONNX_METADATA_KEY, ONNX_OUTPUTS, InferenceError, load_ensemble, onnx_metadata
+from .extract import ExtractSettings
 from .run_config import RunConfig, add_run_arguments, from_args
 
 log = logging.getLogger("ferflow.export")
 OPSET = 17
+#: The extraction settings that decide a crop (stored in the file's metadata).
+CROP_KEYS = ("detector", "detect_size", "min_score", "margin", "crop_size", "detect_every", "max_jump_iou", "align")
+
+
+def crop_settings(extract: Mapping) -> dict:
+    """The crop-deciding extraction settings: ``extract`` over :class:`ferflow.extract.ExtractSettings`'
+    defaults (ValueError for an unknown key)."""
+    settings = asdict(ExtractSettings.from_json(json.dumps(dict(extract))))
+    return {k: settings[k] for k in CROP_KEYS}
 
 
 def export_onnx(models_dir: str | os.PathLike, out: str | os.PathLike, weights: Mapping[str, float] | None = None,
@@ -74,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         run: RunConfig = from_args(args, args.models)
-        metadata = export_onnx(args.models, args.out, run.weights, run.smoothing, run.crop())
+        metadata = export_onnx(args.models, args.out, run.weights, run.smoothing, crop_settings(run.extract))
     except (InferenceError, ValueError, FileNotFoundError) as exc:
         print(f"ferflow export: error: {exc}", file=sys.stderr)
         return 2

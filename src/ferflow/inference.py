@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .labels import EXPRESSIONS, NUM_EXPRESSIONS
+from .model import load_model
 
 log = logging.getLogger("ferflow.inference")
 
@@ -122,8 +123,6 @@ def load_ensemble(models_dir: str | os.PathLike, weights: Mapping[str, float] | 
     :class:`InferenceError` when the variants do not share one ``input_size`` (the crops are made
     once, at one size, for all of them) or a file is not a ferflow model.
     """
-    from .predict import load_model
-
     device = torch.device(device)
     weights, va_weights = dict(weights or {}), dict(va_weights or {})
     paths = find_models(models_dir)

@@ -17,29 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .evaluate import smoothing_from  # TODO(#14): from .ensemble once split
-from .extract import ExtractSettings
+from .ensemble import smoothing_from
 
 DEFAULT_CONFIG = "config.yaml"
-#: The extraction settings that decide a crop (stored in an exported file's metadata).
-CROP_KEYS = ("detector", "detect_size", "min_score", "margin", "crop_size", "detect_every", "max_jump_iou", "align")
 
 
 @dataclass
 class RunConfig:
-    extract: ExtractSettings
+    extract: dict  # extraction settings given (config, then --extract-settings); ferflow.extract fills the rest
     weights: dict[str, float]
     smoothing: dict[str, int]
     sources: list[str] = field(default_factory=list)  # where each part came from, for the log
     config: str | None = None  # the config file read, if any
-
-    def crop(self) -> dict:
-        settings = asdict(self.extract)
-        return {k: settings[k] for k in CROP_KEYS}
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,7 +89,7 @@ def run_config(config: str | None, metrics: str | None, models_dir: str | os.Pat
         if metrics is not None:
             windows = smoothing_from(metrics)
             sources.append(f"smoothing windows {windows} from {metrics}")
-    return RunConfig(ExtractSettings.from_json(json.dumps(extract)), weights, windows, sources, config)
+    return RunConfig(extract, weights, windows, sources, config)
 
 
 def from_args(args: argparse.Namespace, models_dir: str | os.PathLike | None) -> RunConfig:

@@ -44,3 +44,28 @@ rule annotate_video:
         " --metrics {input.metrics:q} --extract-settings {params.settings:q} --weights {params.weights}"
         " --out {params.out:q} {params.video} --batch-size {params.batch_size} --threads {threads} --no-progress"
         " > {log:q} 2>&1"
+
+
+# The ensemble as one ONNX file (`python -m ferflow.export`), on request: `snakemake results/ensemble.onnx`.
+rule export_onnx:
+    input:
+        models=expand(f"{RESULTS}/models/{{variant}}/model.pt", variant=list(VARIANTS)),
+        metrics=f"{RESULTS}/evaluation/metrics.json",
+    output:
+        f"{RESULTS}/ensemble.onnx",
+    params:
+        models=lambda wc, input: os.path.dirname(os.path.dirname(input.models[0])),
+        settings=extract_settings(),
+        weights=" ".join(f"{name}={w}" for name, w in variant_weights().items()),
+        code=code_version("export"),
+    log:
+        "logs/export_onnx/export_onnx.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/ferflow-onnx.yaml"
+    shell:
+        "python -m ferflow.export --models {params.models:q} --metrics {input.metrics:q}"
+        " --extract-settings {params.settings:q} --weights {params.weights} --out {output:q} > {log:q} 2>&1"

@@ -31,7 +31,8 @@ if len(SOURCES) != len(config["sources"]):
 # Per-stage code versions: a stage reruns when the code it runs changes, and only then. The
 # modules of a stage are its CLI module and every ferflow module it imports, transitively.
 STAGE_ENTRY = {"demo": "demo", "index": "index", "extract": "extract", "shards": "shards",
-               "train": "train", "predict": "predict", "evaluate": "evaluate", "annotate": "annotate"}
+               "train": "train", "predict": "predict", "evaluate": "evaluate", "annotate": "annotate",
+               "export": "export"}
 
 
 def _imports(module):
