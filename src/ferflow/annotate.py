@@ -40,6 +40,8 @@ from typing import Iterator, Mapping, Sequence
 import cv2
 import numpy as np
 import polars as pl
+import torch
+from tqdm import tqdm
 
 from . import plots, schemas
 from .atomic import atomic_path
@@ -50,11 +52,11 @@ from .extract import ExtractSettings, VideoError, make_detector, prefetch, read_
 from .faces import align_face, crop_face
 from .inference import Ensemble, InferenceError, OnnxRunner, TorchRunner, load_ensemble
 from .labels import EXPRESSIONS, NUM_EXPRESSIONS
+from .layout import VIDEO_EXTENSIONS
 from .run_config import RunConfig, add_run_arguments, from_args
 
 log = logging.getLogger("ferflow.annotate")
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 CLASS_COLUMNS = list(EXPRESSIONS)
 
 
@@ -71,9 +73,9 @@ def list_videos(paths: Sequence[str | os.PathLike]) -> list[Path]:
     videos: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
             if not found:
-                raise AnnotateError(f"{p}: a folder without video files ({', '.join(VIDEO_SUFFIXES)})")
+                raise AnnotateError(f"{p}: a folder without video files ({', '.join(VIDEO_EXTENSIONS)})")
             videos += found
         elif p.exists():
             videos.append(p)
@@ -175,8 +177,6 @@ def predict_faces(video: str, faces: Faces, settings: ExtractSettings, runner, b
 
     starts = np.searchsorted(faces.frame, np.arange(int(faces.frame[-1]) + 2))
     wanted = set(np.unique(faces.frame).tolist())
-    from tqdm import tqdm
-
     with tqdm(total=faces.n, desc=Path(video).name, unit="face", disable=True if progress is False else None,
               leave=False) as bar:
         for i, frame in prefetch(read_frames(video, wanted)):
@@ -378,8 +378,6 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         videos = list_videos(args.inputs)

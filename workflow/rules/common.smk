@@ -271,7 +271,6 @@ def print_summary():
 
 # ---- videos to annotate (annotate.smk) ----------------------------------------------------
 ANNOTATE = config["annotate"]
-ANNOTATE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
 
 
 def annotate_dir_videos():
@@ -285,12 +284,12 @@ def annotate_dir_videos():
     for f in sorted(os.listdir(folder)):
         path = os.path.join(folder, f)
         stem, ext = os.path.splitext(f)
-        if ext.lower() in ANNOTATE_SUFFIXES and os.path.isfile(path):
+        if ext.lower() in layout.VIDEO_EXTENSIONS and os.path.isfile(path):
             if stem in found:
                 raise ValueError(f"annotate_dir: {found[stem]} and {path} have the same name {stem!r}")
             found[stem] = path
     if not found:
-        raise ValueError(f"annotate_dir: {folder} holds no video ({', '.join(ANNOTATE_SUFFIXES)})")
+        raise ValueError(f"annotate_dir: {folder} holds no video ({', '.join(layout.VIDEO_EXTENSIONS)})")
     return found
 
 
