@@ -289,7 +289,8 @@ def annotate_dir_videos():
                 raise ValueError(f"annotate_dir: {found[stem]} and {path} have the same name {stem!r}")
             found[stem] = path
     if not found:
-        raise ValueError(f"annotate_dir: {folder} holds no video ({', '.join(layout.VIDEO_EXTENSIONS)})")
+        extensions = " ".join(layout.VIDEO_EXTENSIONS)
+        raise ValueError(f"annotate_dir: {folder} holds no video ({extensions})")
     return found
 
 
@@ -309,7 +310,7 @@ def annotate_videos():
 
 
 def annotate_outputs(names):
-    exts = ("parquet", "csv", "png") + (("mp4",) if ANNOTATE["video"] else ())
+    exts = ["parquet", "csv", "png", *(["mp4"] if ANNOTATE["video"] else [])]
     return [f"{RESULTS}/annotated/{name}.{ext}" for name in names for ext in exts]
 
 wildcard_constraints:
