@@ -81,6 +81,21 @@ def test_submission_has_a_line_per_frame(tiny_run):
 
 
 @pytest.mark.slow
+def test_the_demo_ends_by_annotating_its_two_person_video(tiny_run):
+    from ferflow.schemas import ANNOTATIONS
+
+    work, _, _ = tiny_run
+    out = work / "results" / "annotated"
+    table = read_table(out / "t01-30-480x270.parquet", ANNOTATIONS)
+    assert sorted(set(table["frame"])) == list(range(40))  # the tiny demo's videos have 40 frames
+    assert table["track"].drop_nulls().n_unique() >= 2  # both people have a track
+    assert (out / "t01-30-480x270.png").read_bytes()[:4] == b"\x89PNG"
+    from ferflow.extract import count_frames
+
+    assert count_frames(str(out / "t01-30-480x270.mp4")) == 40
+
+
+@pytest.mark.slow
 def test_second_run_has_nothing_to_do(tiny_run):
     work, _, configs = tiny_run
     proc = snakemake(work, "-n", configs=configs)

@@ -33,9 +33,11 @@ Scoring
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -391,6 +393,18 @@ def score(gt: GroundTruth, a: Aligned) -> dict:
         n_no_video_va=int(a.no_video_va.sum()),
     )
     return out
+
+
+def smoothing_from(path: str | os.PathLike) -> dict[str, int]:
+    """The per-task smoothing windows recorded in a metrics.json (0 when it was not smoothed):
+    ``{"expr": W, "va": W}`` from its ``"smoothed"."window"``; EvaluationError naming an unreadable file."""
+    try:
+        block = json.loads(Path(path).read_text()).get("smoothed")
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"{path}: cannot read the smoothing windows: {exc}") from exc
+    if not block:
+        return {"expr": 0, "va": 0}
+    return {"expr": int(block["window"]["expr"]), "va": int(block["window"]["va"])}
 
 
 def choose_windows(gt: GroundTruth, ens: Aligned, candidates: Sequence[int]) -> tuple[int, int, list[dict]]:

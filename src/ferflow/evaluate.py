@@ -39,7 +39,7 @@ import polars as pl
 
 from . import atomic, schemas
 from .abaw import check_submission, export_submission, read_frame_counts, read_test_list
-from .ensemble import AUTO_WINDOWS, Aligned, build_ensemble, choose_windows, score, smoothed
+from .ensemble import AUTO_WINDOWS, Aligned, build_ensemble, choose_windows, score, smoothed, smoothing_from
 from .truth import PROB_COLS, VA_COLS, EvaluationError, GroundTruth, load_ground_truth
 
 
@@ -314,17 +314,6 @@ def _pairs(items: Sequence[str] | None, what: str, convert=str) -> dict:
         except ValueError:
             raise EvaluationError(f"{what}: {item!r}: {value!r} is not a number") from None
     return out
-
-
-def smoothing_from(path: str | os.PathLike) -> dict[str, int]:
-    """The per-task smoothing windows recorded in a metrics.json (0 when it was not smoothed)."""
-    try:
-        block = json.loads(Path(path).read_text()).get("smoothed")
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{path}: cannot read the smoothing windows: {exc}") from exc
-    if not block:
-        return {"expr": 0, "va": 0}
-    return {"expr": int(block["window"]["expr"]), "va": int(block["window"]["va"])}
 
 
 def _smoothing_arg(value: str) -> int | str:

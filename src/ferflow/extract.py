@@ -51,7 +51,7 @@ import polars as pl
 
 from .atomic import atomic_path
 from .detect import detector_settings
-from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou
+from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou, link_tracks
 from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, read_table, write_table
 
 LANDMARK_COLUMNS = [f"{p}_{c}" for p in LANDMARK_POINTS for c in "xy"]
@@ -273,6 +273,40 @@ def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, 
         for name, person in persons.items():
             chosen = choose_track(dets, person, width, link_gap(k))
             plans[name], redetect = plan_boxes(detected, chosen, settings.max_jump_iou)
+            need |= redetect
+        need.difference_update(dets)
+        if not need:
+            return plans, n_frames, dets
+        dets.update(detect_frames(video, detector, need, settings.batch_size))
+
+
+def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: int = 3
+                    ) -> tuple[list[dict[int, tuple[str, np.ndarray]]], int, dict[int, np.ndarray]]:
+    """Every face of ``video`` followed along it: one plan per track, the frame count, the detections.
+
+    Detection, linking and interpolation are those of :func:`track_video`, applied to every track
+    instead of one chosen per person: keyframes every ``detect_every`` frames, detections linked by
+    :func:`ferflow.faces.link_tracks`, tracks with fewer than ``min_track`` detections (one-off
+    false detections; lowered for very short videos) left out, and each track's boxes planned by
+    :func:`plan_boxes` (interpolated, or the frames detected again where it starts, ends or jumps)
+    until no frame is left to detect. A plan is ``{frame: (status, row)}`` with status
+    ``detected`` | ``interpolated`` and ``row`` as in :mod:`ferflow.detect`. Tracks are ordered by
+    their first frame, then by the left edge of their first box, so the index is a stable track id.
+    Raises :class:`VideoError` when the video cannot be opened.
+    """
+    k = max(1, int(settings.detect_every))
+    dets, n_frames, _ = detect_keyframes(video, detector, k, settings.batch_size)
+    while True:
+        need_dets = max(1, min(min_track, len(dets)))
+        tracks = [t for t in link_tracks(dets, link_gap(k)) if len(t.frames) >= need_dets]
+        tracks.sort(key=lambda t: (t.first, float(t.rows[0][0])))
+        detected = sorted(dets)
+        plans: list[dict[int, tuple[str, np.ndarray]]] = []
+        need: set[int] = set()
+        for track in tracks:
+            plan, redetect = plan_boxes(detected, {f: (row, 0) for f, row in zip(track.frames, track.rows)},
+                                        settings.max_jump_iou)
+            plans.append(dict(sorted(plan.items())))
             need |= redetect
         need.difference_update(dets)
         if not need:

@@ -35,6 +35,7 @@ batch: train with ``drop_last=True`` or batches of >= 2.
 from __future__ import annotations
 
 import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -308,3 +309,22 @@ def build_model(settings: dict, load_pretrained: bool = True) -> DAN:
     if pretrained and load_pretrained:
         weights.load_pretrained(model, fmt, pretrained["path"])
     return model
+
+
+def load_model(path: str | os.PathLike, device: torch.device) -> tuple[DAN, dict]:
+    """The model of a ``model.pt`` written by ``ferflow.train`` and its training settings: rebuilt
+    by :func:`build_model` (the pretrained file is not read again), the weights read with
+    ``torch.load(weights_only=True)``, on ``device``, in eval mode. KeyError names a file that is
+    not a ferflow model."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "settings"):
+        if key not in ckpt:
+            raise KeyError(f"{path}: not a ferflow model file (no {key!r})")
+    settings = ckpt["settings"]
+    model = build_model(settings, load_pretrained=False)
+    model.load_state_dict(ckpt["model_state_dict"])
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.eval()
+    return model, settings

@@ -126,6 +126,56 @@ def va_hist(va_true, va_pred, path: str | os.PathLike, bins: int = 50, title: st
     return _save(fig, path)
 
 
+def class_colours() -> list[tuple[float, float, float]]:
+    """One RGB colour (0..1) per ABAW class, in class order (matplotlib's tab10)."""
+    from matplotlib import colormaps
+
+    return [tuple(float(c) for c in colormaps["tab10"](i)[:3]) for i in range(len(EXPRESSIONS))]
+
+
+def va_over_time(time, track, valence, arousal, expression, path: str | os.PathLike, title: str = "") -> Path:
+    """Valence and arousal over time, one panel per track, the expression as a coloured band.
+
+    ``time`` (seconds), ``track`` (int; frames without a face are left out by the caller),
+    ``valence``/``arousal`` (float, NaN: none), ``expression`` (class index, -1: none): arrays of
+    the same length, one entry per (frame, track). A video without any face gets one empty panel.
+    """
+    time = np.asarray(time, np.float64)
+    track = np.asarray(track, np.int64)
+    valence = np.asarray(valence, np.float64)
+    arousal = np.asarray(arousal, np.float64)
+    expression = np.asarray(expression, np.int64)
+    tracks = sorted(set(track.tolist()))
+    colours = class_colours()
+    fig = Figure(figsize=(11, 2.4 + 2.2 * max(len(tracks), 1)), layout="constrained")
+    axes = fig.subplots(max(len(tracks), 1), 1, squeeze=False)[:, 0]
+    if not tracks:
+        axes[0].text(0.5, 0.5, "no face in this video", ha="center", va="center", transform=axes[0].transAxes)
+        axes[0].set_title(title)
+    step = float(np.median(np.diff(np.unique(time)))) if np.unique(time).size > 1 else 1.0
+    for ax, t in zip(axes, tracks):
+        sel = np.flatnonzero(track == t)
+        sel = sel[np.argsort(time[sel], kind="stable")]
+        x = time[sel]
+        for cls in range(len(EXPRESSIONS)):  # the band: one bar per frame, in its class's colour
+            on = expression[sel] == cls
+            if on.any():
+                ax.bar(x[on], 0.12, width=step, bottom=-1.18, color=colours[cls], align="center", linewidth=0)
+        ax.plot(x, valence[sel], color="tab:red", lw=1.2, label="valence")
+        ax.plot(x, arousal[sel], color="tab:blue", lw=1.2, label="arousal")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_ylim(-1.2, 1.05)
+        ax.set_ylabel(f"track {t}")
+        ax.set_title(f"{title} track {t}: {sel.size} frames".strip())
+    axes[-1].set_xlabel("time (s)")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colours[i], label=name) for i, name in enumerate(EXPRESSIONS)]
+    lines = axes[0].get_legend_handles_labels()[0]
+    fig.legend(handles=lines + handles, loc="outside right upper", fontsize=8)
+    return _save(fig, path)
+
+
 def plot_evaluation(result: Mapping, out_dir: str | os.PathLike, va_true=None, va_pred=None) -> dict[str, Path]:
     """The three plots of an evaluation from its ``metrics.json`` content (plus VA arrays)."""
     out_dir = Path(out_dir)

@@ -16,13 +16,13 @@ import argparse
 import contextlib
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
 from . import data, devices, schemas
+from .model import load_model
 from .labels import NUM_EXPRESSIONS
 
 log = logging.getLogger("ferflow.predict")
@@ -61,24 +61,6 @@ def infer(model: torch.nn.Module, loader, device: torch.device) -> tuple[list[st
     if not keys:
         return keys, np.zeros((0, NUM_EXPRESSIONS), np.float32), np.zeros((0, 2), np.float32)
     return keys, torch.cat(probs).numpy(), torch.cat(vas).numpy()
-
-
-def load_model(path: str | Path, device: torch.device):
-    """The model of a ``model.pt`` written by ``ferflow.train``, on ``device``, in eval mode."""
-    from .model import build_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model_state_dict", "settings"):
-        if key not in ckpt:
-            raise KeyError(f"{path}: not a ferflow model file (no {key!r})")
-    settings = ckpt["settings"]
-    model = build_model(settings, load_pretrained=False)
-    model.load_state_dict(ckpt["model_state_dict"])
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    model.eval()
-    return model, settings
 
 
 def predictions_table(keys, probs, va, labels: pl.DataFrame, task: str = "both") -> pl.DataFrame:

@@ -145,6 +145,33 @@ PREDICTIONS: Schema = {
     "arousal": pl.Float32,
 }
 
+#: ``ferflow annotate``: one row per frame and tracked face of a video, and one row with a null
+#: ``track`` (and null values) for every frame without a face: every decoded frame appears.
+ANNOTATIONS: Schema = {
+    "video": pl.String,  # the video file's name without its extension
+    "frame": pl.Int64,  # 0-based decoded frame
+    "time": pl.Float64,  # seconds: frame / the container's fps (null when it gives none)
+    "track": pl.Int64,  # face track id, stable along the video; null: no face in this frame
+    "status": pl.String,  # detected | interpolated (box between two detections of the track); null
+    "x1": pl.Float32,  # face box in pixels of the frame
+    "y1": pl.Float32,
+    "x2": pl.Float32,
+    "y2": pl.Float32,
+    "score": pl.Float32,  # detection score (interpolated between detections)
+    # ensemble class probabilities (soft vote, smoothed), one column per class named by the class
+    "Neutral": pl.Float32,
+    "Anger": pl.Float32,
+    "Disgust": pl.Float32,
+    "Fear": pl.Float32,
+    "Happiness": pl.Float32,
+    "Sadness": pl.Float32,
+    "Surprise": pl.Float32,
+    "Other": pl.Float32,
+    "expression": pl.String,  # the class with the highest probability
+    "valence": pl.Float32,  # in [-1, 1]
+    "arousal": pl.Float32,
+}
+
 DROP_REASONS = (
     "unannotated",
     "no_video",

@@ -31,7 +31,8 @@ if len(SOURCES) != len(config["sources"]):
 # Per-stage code versions: a stage reruns when the code it runs changes, and only then. The
 # modules of a stage are its CLI module and every ferflow module it imports, transitively.
 STAGE_ENTRY = {"demo": "demo", "index": "index", "extract": "extract", "shards": "shards",
-               "train": "train", "predict": "predict", "evaluate": "evaluate"}
+               "train": "train", "predict": "predict", "evaluate": "evaluate", "annotate": "annotate",
+               "export": "export"}
 
 
 def _imports(module):
@@ -269,7 +270,7 @@ def final_outputs():
     outputs = [f"{RESULTS}/evaluation/metrics.json"]
     if test_lists():
         outputs.append(f"{RESULTS}/submission/metrics.json")
-    return outputs
+    return outputs + annotate_outputs(annotate_demo_videos())
 
 
 def print_summary():
@@ -277,6 +278,50 @@ def print_summary():
         if os.path.exists(path):
             print(Path(path).read_text(), file=sys.stderr)
 
+
+# ---- videos to annotate (annotate.smk) ----------------------------------------------------
+ANNOTATE = config["annotate"]
+
+
+def annotate_dir_videos():
+    """{name: path} of the videos of config annotate_dir (names: file names without extension)."""
+    folder = config.get("annotate_dir")
+    if not folder:
+        raise ValueError("annotate: no folder given; run `snakemake annotate --config annotate_dir=FOLDER`")
+    if not os.path.isdir(folder):
+        raise ValueError(f"annotate_dir: {folder} is not a folder")
+    found = {}
+    for f in sorted(os.listdir(folder)):
+        path = os.path.join(folder, f)
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in layout.VIDEO_EXTENSIONS and os.path.isfile(path):
+            if stem in found:
+                raise ValueError(f"annotate_dir: {found[stem]} and {path} have the same name {stem!r}")
+            found[stem] = path
+    if not found:
+        extensions = " ".join(layout.VIDEO_EXTENSIONS)
+        raise ValueError(f"annotate_dir: {folder} holds no video ({extensions})")
+    return found
+
+
+def annotate_demo_videos():
+    """{name: path} of the demo video annotated at the end of the demo: its first two-person video."""
+    if not (DEMO["enabled"] and ANNOTATE["demo"]):
+        return {}
+    unit = next(u for u in demo_plan().units if len(u.annotations) > 1)
+    return {unit.stem: os.path.join(DEMO["root"], unit.file)}
+
+
+def annotate_videos():
+    videos = dict(annotate_demo_videos())
+    if config.get("annotate_dir"):
+        videos.update(annotate_dir_videos())
+    return videos
+
+
+def annotate_outputs(names):
+    exts = ["parquet", "csv", "png", *(["mp4"] if ANNOTATE["video"] else [])]
+    return [f"{RESULTS}/annotated/{name}.{ext}" for name in names for ext in exts]
 
 wildcard_constraints:
     variant="[A-Za-z0-9_-]+",
