@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ferflow import extract
 from ferflow.labels import EXPR_HEADER, VA_HEADER
 from test_accounting import BRIGHT, write_image, write_text, write_video
 
@@ -39,6 +38,46 @@ def truncated_video(path: Path, frames: int = 12, keep: float = 0.85) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+def avi_frame_spans(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each video frame's data in an AVI file (its ``##dc``/``##db`` chunks of the
+    ``movi`` list), read from the RIFF chunk headers themselves."""
+    spans = []
+    pos = data.index(b"movi") + 4
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"idx1":
+            break
+        if chunk == b"LIST":  # a nested list (rec): its chunks follow its 4-byte type
+            pos += 12
+            continue
+        if chunk[2:] in (b"dc", b"db"):
+            spans.append((pos + 8, size))
+        pos += 8 + size + (size & 1)
+    return spans
+
+
+def break_avi_frame(path: Path, frame: int, n_bytes: int = 400) -> Path:
+    """Zero ``n_bytes`` at the start of one frame's data inside an AVI (its JPEG header for MJPG):
+    that frame no longer decodes, the others still do, and the container's frame count is unchanged."""
+    data = bytearray(path.read_bytes())
+    offset, size = avi_frame_spans(bytes(data))[frame]
+    assert size > n_bytes, f"{path}: frame {frame} holds only {size} bytes"
+    data[offset:offset + n_bytes] = bytes(n_bytes)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def decodable_prefix(path: Path) -> int:
+    """Frames OpenCV reads from ``path`` before its first failed read (what the extraction used
+    to take as the video's length)."""
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
 
 
 def zero_frame_video(path: Path) -> Path:
@@ -114,10 +153,11 @@ def affwild2_corpus(root: Path, name: str = "aw") -> tuple[dict, dict]:
     expected["good"] = {"written": 6}
 
     trunc = truncated_video(videos / "truncated.avi", frames=12)
-    decoded = extract.count_frames(str(trunc))
+    decoded = decodable_prefix(trunc)
     assert 3 <= decoded < 12, f"truncated video decodes {decoded} frames"
-    annotation(e / "truncated.txt", [str(i % 8) for i in range(12)])
-    expected["truncated"] = {"written": decoded, "beyond_video_end": 12 - decoded}
+    # the container still states 12 frames: those after the cut exist but do not decode
+    annotation(e / "truncated.txt", [str(i % 8) for i in range(14)])
+    expected["truncated"] = {"written": decoded, "unreadable_frame": 12 - decoded, "beyond_video_end": 2}
 
     zero_frame_video(videos / "zero_frames.avi")
     annotation(e / "zero_frames.txt", ["1", "2", "3"])
