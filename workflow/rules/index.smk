@@ -8,6 +8,7 @@ rule index_source:
         f"{RESULTS}/manifest/{{source}}.parquet",
     params:
         source=lambda wc: as_json(SOURCES[wc.source]),
+        content=lambda wc: content_param(index_inputs(wc)),  # annotation files and test list, by content
         code=code_version("index"),
     log:
         "logs/index_source/{source}.log",
