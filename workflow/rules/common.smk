@@ -1,4 +1,5 @@
 # Config validation, source/unit tables, input functions and per-stage code versions.
+import atexit
 import hashlib
 import re
 import json
@@ -114,8 +115,6 @@ def _save_fingerprints():
     except OSError:
         pass  # a cache only: the next run computes the fingerprints again
 
-
-import atexit  # noqa: E402
 
 atexit.register(_save_fingerprints)
 
