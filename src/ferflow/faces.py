@@ -7,15 +7,15 @@ Person choice (:func:`choose_track`) works offline on the detections of a whole 
 1. :func:`link_tracks` links the detections of successive detected frames into tracks (greedy, by
    IoU >= ``min_iou`` with the track's last box, across gaps of up to ``max_gap`` frames);
 2. among the tracks at least ``min_frames`` frames long (first to last detection), the person's
-   are the set of tracks
-   that do not overlap in time with the largest total weight, a track's weight being its duration
-   times its median box side (:func:`schedule_tracks`): the largest face, kept continuous. A chosen
-   track is followed over its whole life; a frame in its life where it has no detection (the face
-   was missed or hidden) gets no box rather than another face, so a background face never steals
-   the track, not even for one frame; a track that overlaps a chosen one is never used at all, and
-   one-off false detections never are. Where the chosen track ends (the person left, or turned
-   away for longer than ``max_gap``), the next chosen track may be another face (a cut, or the
-   person coming back elsewhere), but only one that does not overlap the chosen ones.
+   are the set of tracks that do not overlap in time with the largest total weight, a track's
+   weight being its duration times its median box side (:func:`schedule_tracks`): the largest
+   face, kept continuous. A chosen track is followed over its whole life; a frame in its life where
+   it has no detection (the face was missed or hidden) gets no box rather than another face, so a
+   background face never steals the track, not even for one frame; a track that overlaps a chosen
+   one is never used at all, and one-off false detections never are. Where the chosen track ends
+   (the person left, or turned away for longer than ``max_gap``), the next chosen track may be
+   another face (a cut, or the person coming back elsewhere), but only one that does not overlap
+   the chosen ones.
 
 A track's length is only known to the frame once the frames next to its ends have been looked at:
 with detection on every k-th frame, a face on screen for 6 frames may be detected on one or two of
