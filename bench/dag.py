@@ -12,8 +12,15 @@ ratio.
 
 Goal (issue 7): the full dry run under 20 s on the 2-core development machine.
 
+``--baseline DIR`` also times another checkout of ferflow (e.g. ``git worktree add /tmp/base main``)
+in the same rounds, alternating, in a work folder of its own, and prints the median ratio of this
+checkout to it. ``--video-mib N`` makes each video a sparse file of N MiB instead of an empty one
+(the content fingerprints read 2 MiB of each; the first round computes them, later rounds take
+them from the cache, as a second run on an unchanged dataset does).
+
     python bench/dag.py                        # 560 videos, 6 variants, 3 repeats
     python bench/dag.py --videos 100 --repeats 5
+    python bench/dag.py --baseline /tmp/base --video-mib 50
 """
 
 from __future__ import annotations
@@ -35,14 +42,16 @@ EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\n"
 VA_HEADER = "valence,arousal\n"
 
 
-def make_layout(root: Path, n_videos: int) -> int:
+def make_layout(root: Path, n_videos: int, video_mib: int = 0) -> int:
     """Write the Aff-Wild2 layout under root; returns the number of annotation files."""
     videos = root / "videos"
     videos.mkdir(parents=True)
     n_files = 0
     for i in range(n_videos):
         stem = f"{i:03d}-30-{'1280x720' if i % 3 else '640x360'}"
-        (videos / f"{stem}{'.avi' if i % 7 == 0 else '.mp4'}").touch()
+        video = videos / f"{stem}{'.avi' if i % 7 == 0 else '.mp4'}"
+        with open(video, "wb") as fh:
+            fh.truncate(video_mib << 20)  # sparse: no disk space
         split = "Validation_Set" if i % 5 == 0 else "Train_Set"
         people = [f"{stem}_left", f"{stem}_right"] if i % 33 == 0 else [stem]
         tasks = []
@@ -87,12 +96,14 @@ def main(argv=None) -> None:
     p.add_argument("--videos", type=int, default=560)
     p.add_argument("--variants", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baseline", type=Path, help="another ferflow checkout to time in the same rounds")
+    p.add_argument("--video-mib", type=int, default=0, help="size of each (sparse) video file")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="ferflow-dag-") as tmp:
         tmp = Path(tmp)
         data = tmp / "affwild2"
-        n_files = make_layout(data, args.videos)
+        n_files = make_layout(data, args.videos, args.video_mib)
         work = tmp / "work"
         work.mkdir()
         config = write_config(work, data, args.variants)
@@ -103,19 +114,35 @@ def main(argv=None) -> None:
         full_cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory", str(work),
                     "--configfile", str(REPO / "config.yaml"), str(config), "--cores", "1"]
         empty_cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(empty / "Snakefile"), "--cores", "1"]
-        print(f"layout: {args.videos} videos, {n_files} annotation files, {args.variants} variants")
-        full, base = [], []
+        other_cmd = other = None
+        if args.baseline is not None:
+            other = tmp / "work-baseline"
+            other.mkdir()
+            other_cmd = [*full_cmd[:5], str(args.baseline / "Snakefile"), "--directory", str(other),
+                         "--configfile", str(args.baseline / "config.yaml"), *full_cmd[10:]]
+        print(f"layout: {args.videos} videos of {args.video_mib} MiB, {n_files} annotation files, "
+              f"{args.variants} variants")
+        full, base, ratios = [], [], []
         jobs = None
         for r in range(args.repeats):
-            seconds, out = dry_run(full_cmd, work)
-            full.append(seconds)
-            m = re.search(r"^total\s+(\d+)$", out, re.MULTILINE)
+            # alternate which of the two checkouts goes first
+            order = [("this", full_cmd, work), ("baseline", other_cmd, other)][:: 1 if r % 2 == 0 else -1]
+            times = {name: dry_run(cmd, cwd) for name, cmd, cwd in order if cmd is not None}
+            full.append(times["this"][0])
+            m = re.search(r"^total\s+(\d+)$", times["this"][1], re.MULTILINE)
             jobs = int(m.group(1)) if m else None
             base.append(dry_run(empty_cmd, empty)[0])
-            print(f"  run {r + 1}: ferflow {full[-1]:.2f} s, empty workflow {base[-1]:.2f} s")
+            line = f"  run {r + 1}: ferflow {full[-1]:.2f} s, empty workflow {base[-1]:.2f} s"
+            if "baseline" in times:
+                ratios.append(full[-1] / times["baseline"][0])
+                line += f", baseline checkout {times['baseline'][0]:.2f} s (ratio {ratios[-1]:.2f})"
+            print(line)
         f, b = statistics.median(full), statistics.median(base)
         print(f"snakemake -n, median of {args.repeats}: ferflow {f:.2f} s ({jobs} jobs), empty workflow {b:.2f} s, "
               f"ratio {f / b:.1f}x; goal < 20 s: {'met' if f < 20 else 'NOT met'}")
+        if ratios:
+            print(f"this checkout / baseline checkout: median ratio {statistics.median(ratios):.2f} "
+                  f"(range {min(ratios):.2f}-{max(ratios):.2f}), first round included (fingerprints computed)")
 
 
 if __name__ == "__main__":

@@ -53,15 +53,41 @@ def truncated_mp4(path: Path, frames: int = 10, keep: float = 0.5) -> Path:
     return path
 
 
-def decodable_frames(path: Path) -> int:
-    """Frames OpenCV decodes from the start of ``path`` until the first that fails (counted here
-    frame by frame, not by the extraction's own count)."""
+def avi_frame_spans(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each video frame's data in an AVI file (its ``##dc``/``##db`` chunks of the
+    ``movi`` list), read from the RIFF chunk headers themselves."""
+    spans = []
+    pos = data.index(b"movi") + 4
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if chunk == b"idx1":
+            break
+        if chunk == b"LIST":  # a nested list (rec): its chunks follow its 4-byte type
+            pos += 12
+            continue
+        if chunk[2:] in (b"dc", b"db"):
+            spans.append((pos + 8, size))
+        pos += 8 + size + (size & 1)
+    return spans
+
+
+def break_avi_frame(path: Path, frame: int, n_bytes: int = 400) -> Path:
+    """Zero ``n_bytes`` at the start of one frame's data inside an AVI (its JPEG header for MJPG):
+    that frame no longer decodes, the others still do, and the container's frame count is unchanged."""
+    data = bytearray(path.read_bytes())
+    offset, size = avi_frame_spans(bytes(data))[frame]
+    assert size > n_bytes, f"{path}: frame {frame} holds only {size} bytes"
+    data[offset:offset + n_bytes] = bytes(n_bytes)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def decodable_prefix(path: Path) -> int:
+    """Frames OpenCV reads from ``path`` before its first failed read (what the extraction used
+    to take as the video's length)."""
     cap = cv2.VideoCapture(str(path))
     n = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok or frame is None:
-            break
+    while cap.read()[0]:
         n += 1
     cap.release()
     return n
@@ -148,10 +174,11 @@ def affwild2_corpus(root: Path, name: str = "aw") -> tuple[dict, dict]:
     expected["good"] = {"written": 6}
 
     trunc = truncated_video(videos / "truncated.avi", frames=12)
-    decoded = decodable_frames(trunc)
+    decoded = decodable_prefix(trunc)
     assert 3 <= decoded < 12, f"truncated video decodes {decoded} frames"
-    annotation(e / "truncated.txt", [str(i % 8) for i in range(12)])
-    expected["truncated"] = {"written": decoded, "beyond_video_end": 12 - decoded}
+    # the container still states 12 frames: those after the cut exist but do not decode
+    annotation(e / "truncated.txt", [str(i % 8) for i in range(14)])
+    expected["truncated"] = {"written": decoded, "unreadable_frame": 12 - decoded, "beyond_video_end": 2}
 
     zero_frame_video(videos / "zero_frames.avi")
     annotation(e / "zero_frames.txt", ["1", "2", "3"])

@@ -47,11 +47,13 @@ class BrightnessDetector:
         return out
 
 
-def write_video(path: Path, levels: list[int], size=(64, 48)) -> Path:
+def write_video(path: Path, levels: list[int], size=(64, 48), noise=None) -> Path:
+    """An MJPG AVI of flat frames of the given grey levels (plus ``noise()`` when given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, size)
     for v in levels:
-        writer.write(np.full((size[1], size[0], 3), v, np.uint8))
+        frame = np.full((size[1], size[0], 3), v, np.int64) + (0 if noise is None else noise())
+        writer.write(np.clip(frame, 0, 255).astype(np.uint8))
     writer.release()
     return path
 
@@ -102,8 +104,8 @@ def run_pipeline(sources: list[dict], out: Path, samples_per_shard: int = 4, see
 
 # ---- one small dataset per drop reason ------------------------------------------------------------
 def affwild2_source(root: Path) -> dict:
-    """Aff-Wild2: unannotated, invalid_value, beyond_video_end, no_face, no_video, unreadable_video;
-    and a test list (frames written without labels, a frame without face, a missing test video)."""
+    """Aff-Wild2: unannotated, invalid_value, beyond_video_end, no_face, no_video, unreadable_video,
+    unreadable_frame; and a test list (frames written without labels, a frame without face, a missing test video)."""
     aw = root / "affwild2"
     e, va = aw / "EXPR_Classification_Challenge", aw / "VA_Estimation_Challenge"
     write_video(aw / "videos" / "vidA.avi", [BRIGHT] * 6)
@@ -116,6 +118,13 @@ def affwild2_source(root: Path) -> dict:
     write_text(e / "Train_Set" / "ghost.txt", EXPR_HEADER + "\n1\n2\n")                  # no video file
     (aw / "videos" / "broken.mp4").write_bytes(b"\x00not a video" * 50)
     write_text(e / "Train_Set" / "broken.txt", EXPR_HEADER + "\n1\n2\n3\n")              # unreadable video
+    # vidC: 6 textured bright frames, frame 3 does not decode (400 bytes zeroed in it)
+    rng = np.random.default_rng(3)
+    write_video(aw / "videos" / "vidC.avi", [BRIGHT] * 6, noise=lambda: rng.integers(-40, 41, (48, 64, 3)))
+    from bad_inputs import break_avi_frame
+
+    break_avi_frame(aw / "videos" / "vidC.avi", 3)
+    write_text(e / "Train_Set" / "vidC.txt", EXPR_HEADER + "\n0\n1\n2\n3\n4\n5\n")
     write_video(aw / "videos" / "test1.avi", [BRIGHT, BRIGHT, DARK, BRIGHT, BRIGHT, BRIGHT])
     tests = write_text(root / "test_list.txt", "test1\nvidB_right\nmissing_test\n")
     return {"name": "aw", "kind": "affwild2", "root": str(aw), "videos": str(aw / "videos"),
@@ -180,9 +189,10 @@ def fates(rows: pl.DataFrame) -> dict:
 def test_every_drop_reason_is_counted_end_to_end(tmp_path):
     rows = run_pipeline(all_sources(tmp_path / "data"), tmp_path / "out", on_unusable="skip")
     assert fates(rows) == {
-        # vidA: frames 0, 3, 4, 5 written; 1 unannotated; 2 invalid; 6, 7 beyond the 6 decoded frames
-        ("aw", "train", "written"): 4, ("aw", "train", "unannotated"): 1, ("aw", "train", "invalid_value"): 1,
-        ("aw", "train", "beyond_video_end"): 2,
+        # vidA: frames 0, 3, 4, 5 written; 1 unannotated; 2 invalid; 6, 7 beyond the 6 decoded frames;
+        # vidC: 6 frames, frame 3 unreadable
+        ("aw", "train", "written"): 4 + 5, ("aw", "train", "unannotated"): 1, ("aw", "train", "invalid_value"): 1,
+        ("aw", "train", "beyond_video_end"): 2, ("aw", "train", "unreadable_frame"): 1,
         ("aw", "train", "no_video"): 2, ("aw", "train", "unreadable_video"): 3,
         # vidB_left: 4 lines (one -5), 2 without a face; vidB_right: 5 lines, 2 without a face
         ("aw", "validation", "written"): 1 + 3, ("aw", "validation", "no_face"): 2 + 2,
@@ -196,8 +206,7 @@ def test_every_drop_reason_is_counted_end_to_end(tmp_path):
         ("gen", "train", "written"): 1,
     }
     reasons = set(rows["reason"].drop_nulls())
-    # every reason but unreadable_frame (a frame that fails to decode inside a video: extraction's tests)
-    assert reasons == set(DROP_REASONS) - {"unreadable_frame"}, f"reasons not hit: {set(DROP_REASONS) - reasons}"
+    assert reasons == set(DROP_REASONS), f"reasons not hit: {set(DROP_REASONS) - reasons}"
     # the written rows are exactly labels.parquet and the shards' members
     acc = read_table(tmp_path / "out" / "accounting.parquet", ACCOUNTING)
     labels = read_table(tmp_path / "out" / "shards" / "labels.parquet", LABELS)

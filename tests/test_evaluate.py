@@ -15,7 +15,7 @@ import sklearn.metrics as sklearn_metrics  # a test dependency: never skipped
 
 import ferflow
 from ferflow import abaw, ensemble, evaluate, metrics, schemas, truth
-from ferflow.labels import EXPRESSIONS
+from ferflow.labels import EXPR_HEADER, EXPRESSIONS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAST_LINE = re.compile(
@@ -80,17 +80,18 @@ def test_ground_truth_scores_written_and_no_face_frames_only():
         {"video": "v", "frame": 5, "status": "dropped", "reason": "unmapped_label"},
         {"video": "v", "frame": 6, "valence": 0.5, "arousal": -0.5},  # VA only: no expression
         {"video": "v", "frame": 7, "expression": 0, "valence": 0.5},  # arousal missing: no VA
+        {"video": "v", "frame": 8, "expression": 5, "status": "dropped", "reason": "unreadable_frame"},  # scored, filled
         {"video": "w", "frame": 0, "expression": 4, "split": "train"},
     ])
     gt = truth.ground_truth_from_accounting(acc, "validation")
     table = gt.frame_table()
-    assert table["frame"].to_list() == [0, 1, 6, 7]
-    assert table["expression"].to_list() == [1, 2, None, 0]
-    assert table["arousal"].to_list() == pytest.approx([0.2, 0.4, -0.5, None])
-    assert gt.n_no_face == 1
-    assert gt.expr_mask.tolist() == [True, True, False, True]
-    assert gt.va_mask.tolist() == [True, True, True, False]
-    assert gt.expression[gt.expr_mask].tolist() == [1, 2, 0]
+    assert table["frame"].to_list() == [0, 1, 6, 7, 8]
+    assert table["expression"].to_list() == [1, 2, None, 0, 5]
+    assert table["arousal"].to_list() == pytest.approx([0.2, 0.4, -0.5, None, None])
+    assert gt.n_no_face == 2
+    assert gt.expr_mask.tolist() == [True, True, False, True, True]
+    assert gt.va_mask.tolist() == [True, True, True, False, False]
+    assert gt.expression[gt.expr_mask].tolist() == [1, 2, 0, 5]
 
 
 def test_ground_truth_errors_name_the_problem():
@@ -605,6 +606,13 @@ def test_submission_export_pads_cuts_and_passes_its_checker(tmp_path, capsys):
     result = json.loads((out / "metrics.json").read_text())
     assert result["submission"]["problems"] == [] and result["submission"]["videos"] == 4
     assert result["submission"]["frames"] == 85 + 55 + 25 + 10  # v2: last scored frame + 1
+    # reported: v1's scored frames past its 55 frames (cut), and v2's count taken from its scored frames
+    past = acc.filter((pl.col("video") == "v1") & (pl.col("frame") >= 55)
+                      & ((pl.col("status") == "written") | (pl.col("reason") == "no_face"))).height
+    mismatches = result["submission"]["mismatches"]
+    assert len(mismatches) == 2 and past > 0
+    assert mismatches[0].startswith(f"v1: {past} scored frames at or past its 55 frames (frames ")
+    assert mismatches[1].startswith("v2: no frame count; its lines end at its last scored frame")
 
     ens = schemas.read_table(out / "ensemble_validation.parquet", schemas.PREDICTIONS)
     for video, n in (("v0", 85), ("v1", 55), ("v2", 25), ("extra", 10)):
@@ -650,3 +658,59 @@ def test_submission_rejects_unknown_videos(tmp_path, capsys):
                         "--no-plots", "--submission-dir", str(tmp_path / "sub"), "--test-list", str(test_list)])
     assert rc == 2
     assert "no scored frame in split 'validation' and no frame count" in capsys.readouterr().err
+
+
+def test_submission_of_a_video_with_an_undecodable_frame(tmp_path, capsys):
+    """Issue 12, item 4: a test-list video (native Aff-Wild2 layout, MJPG AVI of 20 frames) whose
+    frame 10 does not decode. The submission has a line for each of the 20 frames (the video's own
+    frame count, not the 19 that decoded), frame 10's from its neighbours, and the mismatch is
+    reported; a submission with the old 10 lines fails the check."""
+    import cv2
+
+    from bad_inputs import break_avi_frame
+    from test_accounting import run_pipeline
+
+    root = tmp_path / "aw"
+    video = root / "videos" / "t.avi"
+    video.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
+    for _ in range(20):  # bright (a face for the test detector) and textured (frames over 400 bytes)
+        vw.write(rng.integers(150, 250, (48, 64, 3), dtype=np.uint8))
+    vw.release()
+    break_avi_frame(video, 10)
+    (root / "test_list.txt").write_text("t\n")
+    rows = run_pipeline([{"name": "aw", "kind": "affwild2", "root": str(root), "test_list": str(root / "test_list.txt")}],
+                        tmp_path / "out")
+    test = rows.filter(pl.col("split") == "test").sort("frame")
+    assert test["frame"].to_list() == list(range(20))
+    assert test.filter(pl.col("status") == "dropped").select("frame", "reason").rows() == [(10, "unreadable_frame")]
+
+    # one variant's predictions on the written test frames: class frame % 8, valence frame / 20
+    written = test.filter(pl.col("status") == "written")["frame"].to_numpy()
+    pred = tmp_path / "test.parquet"
+    schemas.write_table(predictions("t", written, [onehot(f % 8) for f in written],
+                                    [[f / 20, -f / 40] for f in written], split="test"), pred, schemas.PREDICTIONS)
+    faces = str(tmp_path / "out" / "faces" / "aw" / "t.parquet")
+    out, sub = tmp_path / "ev", tmp_path / "submission"
+    rc = evaluate.main(["--predictions", f"a={pred}", "--accounting", str(tmp_path / "out" / "accounting.parquet"),
+                        "--split", "test", "--smoothing", "0", "--no-plots", "--out-dir", str(out),
+                        "--submission-dir", str(sub), "--test-list", str(root / "test_list.txt"),
+                        "--frame-counts", faces])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    expr = (sub / "EXPR" / "t.txt").read_text().splitlines()[1:]
+    va = np.array([line.split(",") for line in (sub / "VA" / "t.txt").read_text().splitlines()[1:]], dtype=float)
+    assert len(expr) == len(va) == 20
+    assert [int(c) for i, c in enumerate(expr) if i != 10] == [f % 8 for f in range(20) if f != 10]
+    np.testing.assert_allclose(va[:, 0], np.arange(20) / 20, atol=1e-6)  # frame 10: between 9 and 11
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["submission"]["problems"] == [] and result["submission"]["frames"] == 20
+    assert result["submission"]["mismatches"] == [
+        "t: 1 of its 20 frames did not decode (unreadable_frame: frame 10); their lines are filled from the "
+        "neighbouring frames"]
+    assert result["submission"]["mismatches"][0] in err
+    # the submission the old count gave (10 frame lines) fails the check against the video's count
+    (sub / "EXPR" / "t.txt").write_text("\n".join([EXPR_HEADER, *expr[:10]]) + "\n")
+    assert abaw.check_submission(sub, abaw.read_frame_counts([faces]), ["t"]) == [
+        "EXPR/t.txt: 10 frame lines, the video has 20 frames"]

@@ -18,7 +18,7 @@ import pytest
 
 from ferflow import extract, faces
 from ferflow.extract import ExtractSettings
-from ferflow.schemas import FACES, FACES_FULL, MANIFEST, read_table
+from ferflow.schemas import FACES, FACES_FULL, LABELS, MANIFEST, read_table
 
 W, H, N = 160, 120, 40
 
@@ -456,3 +456,179 @@ def test_choose_track_takes_the_larger_face_that_starts_a_little_later():
     dets = {f: np.stack([_row(300, 40, 30)] + ([_row(100, 100, 100)] if f >= 3 else [])) for f in range(100)}
     chosen = faces.choose_track(dets, "", 640, max_gap=30)
     assert sorted(chosen) == list(range(3, 100))  # frames 0-2: no box rather than the small face
+
+
+# ---- a frame that does not decode (issue 12, item 4) ------------------------------------------------
+class EveryFrameFace:
+    """The main face of :func:`main_face` on every frame; records the frames it was given."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, frames):
+        self.calls += [frame_index(f) for f in frames]
+        return [np.r_[main_face(frame_index(f)), 0.9, main_landmarks(frame_index(f))][None].astype(np.float32)
+                for f in frames]
+
+
+def broken_video(tmp_path, n=20, broken=(10,)):
+    """An MJPG AVI of ``n`` frames carrying their index, with 400 bytes zeroed inside each ``broken`` frame."""
+    from bad_inputs import break_avi_frame
+
+    path = tmp_path / "broken.avi"
+    rng = np.random.default_rng(0)
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (W, H))
+    for i in range(n):  # textured, as real frames are (a flat one compresses to fewer than 400 bytes)
+        img = rng.integers(60, 200, (H, W, 3), dtype=np.uint8)
+        img[:16, :16] = 5 * i
+        vw.write(img)
+    vw.release()
+    for f in broken:
+        break_avi_frame(path, f)
+    return path
+
+
+def test_read_frames_goes_on_past_an_undecodable_frame(tmp_path):
+    path = broken_video(tmp_path)
+    cap = cv2.VideoCapture(str(path))  # the fault as OpenCV shows it: read() fails once, at frame 10
+    reads = [cap.read()[0] for _ in range(21)]
+    cap.release()
+    assert reads == [True] * 10 + [False] + [True] * 9 + [False]
+    decoding = extract.Decoding()
+    got = [(i, frame_index(f)) for i, f in extract.read_frames(str(path), decoding=decoding)]
+    assert got == [(i, i) for i in range(20) if i != 10]  # every later frame keeps its own index
+    assert (decoding.container, decoding.decoded, decoding.failed, decoding.gave_up) == (20, 19, [10], None)
+    assert decoding.n_frames == 20 and extract.count_frames(str(path)) == 20
+    # only some frames wanted: the broken one is skipped by grab() too
+    assert [i for i, _ in extract.read_frames(str(path), {9, 10, 11, 15})] == [9, 11, 15]
+
+
+def test_undecodable_frame_is_its_own_row_and_later_frames_keep_theirs(tmp_path, capsys):
+    path = broken_video(tmp_path)
+    det = EveryFrameFace()
+    table = extract.extract_video(str(path), {"broken": ""}, ExtractSettings(detector="haar", detect_every=5),
+                                  det, str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+    assert 10 not in det.calls
+    t = table.sort("frame")
+    assert t["frame"].to_list() == list(range(20)) and set(t["n_frames"]) == {20}
+    status = dict(zip(t["frame"], t["status"]))
+    assert status[10] == "undecodable" and t.filter(pl.col("frame") == 10)["member"].to_list() == [None]
+    assert all(status[f] in ("detected", "interpolated") for f in range(20) if f != 10)
+    with tarfile.open(tmp_path / "u.tar") as tar:
+        assert tar.getnames() == [f"broken/{i:06d}.jpg" for i in range(20) if i != 10]
+    assert "1 of 20 frames did not decode (frames 10)" in capsys.readouterr().err
+
+
+def test_long_run_of_undecodable_frames_gives_up_loudly(tmp_path, monkeypatch, capsys):
+    path = broken_video(tmp_path, broken=range(8, 14))
+    monkeypatch.setattr(extract, "MAX_FAILED_RUN", 4)  # 6 broken frames in a row: a long run here
+    decoding = extract.Decoding()
+    assert [i for i, _ in extract.read_frames(str(path), decoding=decoding)] == list(range(8))
+    assert (decoding.failed, decoding.gave_up, decoding.n_frames) == ([8, 9, 10, 11], 12, 20)
+    table = extract.extract_video(str(path), {"broken": ""}, ExtractSettings(detector="haar", detect_every=1),
+                                  EveryFrameFace(), str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+    status = dict(zip(table["frame"], table["status"]))
+    assert sorted(status) == list(range(20))
+    assert [f for f, s in sorted(status.items()) if s == "undecodable"] == list(range(8, 20))
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "decoding given up at frame 12" in err and "frames 8..19" in err
+
+
+def test_undecodable_frame_in_the_accounting(tmp_path):
+    """Native Aff-Wild2 layout, a 20-frame video whose frame 10 does not decode: 19 frames written
+    with their own labels, frame 10 dropped as unreadable_frame, nothing beyond the video's end."""
+    from bad_inputs import EXPR_DIR, VA_DIR, annotation, break_avi_frame
+    from test_accounting import run_pipeline
+
+    root = tmp_path / "aw"
+    levels = [120 + 5 * i for i in range(20)]  # bright (a face for the test detector), each frame its own level
+    video = root / "videos" / "v.avi"
+    video.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
+    for v in levels:  # textured around the frame's level: a flat frame is fewer than 400 bytes of MJPG
+        vw.write(np.clip(v + rng.integers(-20, 21, (48, 64, 3)), 0, 255).astype(np.uint8))
+    vw.release()
+    break_avi_frame(video, 10)
+    expr = [str(i % 7) for i in range(20)]
+    annotation(root / EXPR_DIR / "Train_Set" / "v.txt", expr)
+    annotation(root / VA_DIR / "Train_Set" / "v.txt", [f"{i / 20:.2f},{-i / 40:.3f}" for i in range(20)])
+    rows = run_pipeline([{"name": "aw", "kind": "affwild2", "root": str(root)}], tmp_path / "out")
+    fates = dict(rows.group_by(pl.coalesce("reason", "status")).len().iter_rows())
+    assert fates == {"written": 19, "unreadable_frame": 1}
+    assert rows.filter(pl.col("reason") == "unreadable_frame")["frame"].to_list() == [10]
+    labels = read_table(tmp_path / "out" / "shards" / "labels.parquet", LABELS).sort("frame")
+    assert labels["frame"].to_list() == [i for i in range(20) if i != 10]
+    assert labels["expression"].to_list() == [int(expr[i]) for i in range(20) if i != 10]
+    assert np.allclose(labels["arousal"].to_numpy(), [-i / 40 for i in range(20) if i != 10], atol=1e-6)
+    # each written sample is the picture of its own frame (brightness 120 + 5 i)
+    for key, frame in labels.select("key", "frame").rows():
+        crop = _shard_image(tmp_path / "out" / "shards", key)
+        centre = crop[8:24, 8:24].mean()  # the crop's border may lie outside the picture (black)
+        assert abs(centre - levels[frame]) < 2.5, (key, centre)
+
+
+def _shard_image(shard_dir, key):
+    for shard in sorted(Path(shard_dir).glob("*/shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            if f"{key}.jpg" in tar.getnames():
+                data = tar.extractfile(f"{key}.jpg").read()
+                return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    raise KeyError(key)
+
+
+# ---- short on-screen faces (issue 12, item 7) --------------------------------------------------------
+@pytest.mark.parametrize("shown", [range(20, 26), range(22, 28)])
+def test_a_face_on_screen_for_six_frames_is_kept(tmp_path, haar, shown):
+    """A face on screen for 6 frames of 40 (seen at keyframes 20 and 25, or only at 25, with
+    detect_every 5) is cropped on exactly those frames; a face shown for one frame is not."""
+    n, flash = 40, 10  # the flash on a keyframe: detected, then its neighbours, where it is not
+    look = _look()
+    path = tmp_path / "short.avi"
+    # the flash elsewhere in the picture: at the same place it would be the same face coming back
+    truth = face_video(path, n, lambda t: [(look, (180, 120, 120))] if t in shown else
+                       [(look, (70, 120, 100))] if t == flash else [])
+    table = extract_haar(path, tmp_path, haar, {"short": ""}, detect_every=5)
+    boxes = boxes_of(table, "short")
+    assert sorted(boxes) == list(shown)
+    for f, box in boxes.items():
+        assert faces.iou(box[None], truth[f][0])[0] > 0.5, f
+    assert table.height == n and table.filter(pl.col("status") == "missing").height == n - 6
+    # the length is a setting, in frames or in seconds at the video's 30 fps
+    assert sorted(boxes_of(extract_haar(path, tmp_path, haar, {"short": ""}, detect_every=5, min_track_frames=6),
+                           "short")) == list(shown)
+    assert not boxes_of(extract_haar(path, tmp_path, haar, {"short": ""}, detect_every=5, min_track_frames=7), "short")
+    assert sorted(boxes_of(extract_haar(path, tmp_path, haar, {"short": ""}, detect_every=5, min_track_seconds=0.2),
+                           "short")) == list(shown)
+    assert not boxes_of(extract_haar(path, tmp_path, haar, {"short": ""}, detect_every=5, min_track_seconds=0.25),
+                        "short")
+
+
+def test_min_track_frames_from_seconds():
+    assert extract.min_track_frames(ExtractSettings(), 30.0) == 3
+    assert extract.min_track_frames(ExtractSettings(min_track_frames=6), 0.0) == 6
+    assert extract.min_track_frames(ExtractSettings(min_track_seconds=0.5), 25.0) == 12  # 12.5 -> 12 (round half even)
+    assert extract.min_track_frames(ExtractSettings(min_track_seconds=0.01), 30.0) == 1
+    with pytest.raises(ValueError, match="frame rate"):
+        extract.min_track_frames(ExtractSettings(min_track_seconds=0.5), 0.0)
+    with pytest.raises(ValueError, match="min_track_frames"):
+        ExtractSettings.from_json('{"min_track_frames": 0}')
+    with pytest.raises(ValueError, match="min_track_seconds"):
+        ExtractSettings.from_json('{"min_track_seconds": -1}')
+
+
+def test_unsettled_frames_lie_between_a_short_track_and_its_neighbours():
+    # detections every 5 frames; a face at keyframe 25 only (one frame long so far); a long track throughout
+    dets = {f: np.stack([_row(300, 40, 30)] + ([_row(100, 100, 100)] if f == 25 else [])) for f in range(0, 41, 5)}
+    assert faces.unsettled_frames(dets, "", 640, 30, min_frames=3) == {21, 22, 23, 24, 26, 27, 28, 29}
+    assert faces.unsettled_frames(dets, "", 640, 30, min_frames=1) == set()
+    assert sorted(faces.choose_track(dets, "", 640, 30, min_frames=3)) == list(range(0, 41, 5))  # the long one
+    # once its neighbours are looked at (face on 23..27), it is 5 frames long and settled
+    for f in range(21, 30):
+        if f % 5:
+            dets[f] = np.stack([_row(300, 40, 30)] + ([_row(100, 100, 100)] if 23 <= f <= 27 else []))
+    assert faces.unsettled_frames(dets, "", 640, 30, min_frames=3) == set()
+    tracks = faces.person_tracks(dets, "", 640, 30)
+    assert sorted((t.first, t.last) for t in tracks) == [(0, 40), (23, 27)]

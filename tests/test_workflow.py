@@ -170,3 +170,64 @@ extract: {{detector: retinaface, retinaface_weights: null}}  # no weights reacha
     assert {f for f, s in got.items() if s == "missing"} == set(range(1, unit.n_frames, 2))
     assert {s for f, s in got.items() if f % 2 == 0} == {"provided"}
     assert set(faces.filter(pl.col("status") == "provided")["crop"]) == {"cropped_aligned"}
+
+
+def _jobs_to_run(proc) -> dict[str, int]:
+    """``{rule: count}`` from the job stats of a dry run (empty when there is nothing to do)."""
+    import re
+
+    out = proc.stdout + proc.stderr
+    if "Nothing to be done" in out:
+        return {}
+    stats = out.split("Job stats:", 1)[1]
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE) if rule != "total"}
+
+
+def _replace_keeping_an_old_mtime(path, data: bytes, tmp_dir) -> None:
+    """As `cp -p` / `rsync -t` / unzip do: new content, with a modification time a day older."""
+    import os
+    import shutil
+
+    new = tmp_dir / f"new{path.suffix}"
+    new.write_bytes(data)
+    old = path.stat().st_mtime - 86400
+    os.utime(new, (old, old))
+    shutil.copy2(new, path)  # content and times, like cp -p
+    assert path.stat().st_mtime == old and path.read_bytes() == data
+
+
+@pytest.mark.slow
+def test_content_change_with_an_older_mtime_reruns_what_depends_on_it(tmp_path):
+    """Aff-Wild2 in its native layout (the tiny demo's, as a user's data): after a run, an
+    annotation file and a video replaced by files with new content and an older mtime rerun exactly
+    the jobs that read them and what follows; unchanged inputs rerun nothing."""
+    from ferflow import demo
+
+    plan = demo.generate(tmp_path / "data", seed=0, size="tiny")
+    root = tmp_path / "data" / "affwild2"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"demo: {{enabled: false}}\nsources:\n  - {{name: aw, kind: affwild2, root: {root}}}\n")
+    configs = (CONFIG, TINY, cfg)
+    target = "results/accounting.parquet"
+    snakemake(tmp_path, target, configs=configs)
+    assert _jobs_to_run(snakemake(tmp_path, "-n", target, configs=configs)) == {}
+    assert len(plan.units) >= 3  # so that "exactly" means something: the other videos are not extracted again
+
+    # an annotation file: one label changed, the file's mtime a day older than before
+    ann = sorted(root.glob("EXPR_Classification_Challenge/*/*.txt"))[0]
+    lines = ann.read_text().splitlines()
+    lines[1] = "7" if lines[1].strip() != "7" else "0"
+    _replace_keeping_an_old_mtime(ann, ("\n".join(lines) + "\n").encode(), tmp_path)
+    assert _jobs_to_run(snakemake(tmp_path, "-n", target, configs=configs)) == {"index_source": 1, "write_shards": 1}
+    snakemake(tmp_path, target, configs=configs)
+    assert _jobs_to_run(snakemake(tmp_path, "-n", target, configs=configs)) == {}
+    manifest = pl.read_parquet(tmp_path / "results" / "manifest" / "aw.parquet")
+    row = manifest.filter((pl.col("video") == ann.stem) & (pl.col("frame") == 0))
+    assert row["expression"].to_list() == [int(lines[1])]  # the new label is in the manifest
+
+    # a video: another video's content (new size and bytes), the mtime a day older (the
+    # fingerprints of the first run are cached: the replaced file's new ctime makes it computed again)
+    video, other = sorted((root / "videos").iterdir())[:2]
+    _replace_keeping_an_old_mtime(video, other.read_bytes(), tmp_path)
+    assert _jobs_to_run(snakemake(tmp_path, "-n", target, configs=configs)) == {"extract_video_faces": 1,
+                                                                                 "write_shards": 1}

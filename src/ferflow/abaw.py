@@ -20,7 +20,7 @@ import polars as pl
 from . import atomic, layout
 from .ensemble import Aligned, fill_columns
 from .labels import EXPR_HEADER, NUM_EXPRESSIONS, VA_HEADER
-from .truth import EvaluationError, GroundTruth, sort_order
+from .truth import SCORED_REASONS, EvaluationError, GroundTruth, sort_order
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +39,8 @@ def read_test_list(path: str | os.PathLike) -> list[str]:
 
 
 def read_frame_counts(paths: Sequence[str | os.PathLike]) -> dict[str, int]:
-    """Frames of each video from parquet files with ``video`` and ``n_frames`` columns (FACES)."""
+    """Frames of each video from parquet files with ``video`` and ``n_frames`` columns (FACES,
+    whose ``n_frames`` is the container's frame count, not fewer when frames fail to decode)."""
     counts: dict[str, int] = {}
     for path in paths:
         if not Path(path).is_file():
@@ -65,8 +66,10 @@ def export_submission(
 ) -> dict:
     """One ABAW3 file per video and task: ``out_dir/EXPR/{video}.txt`` and ``out_dir/VA/{video}.txt``.
 
-    Every frame ``0 .. n-1`` of a video gets a line, ``n`` from ``frame_counts`` (the decoded
-    video) or else the last scored frame + 1: frames between or beyond the scored ones are
+    Every frame ``0 .. n-1`` of a video gets a line, ``n`` from ``frame_counts`` (the video's
+    frame count as the extraction gives it: the container's, however many frames decoded; see
+    :func:`read_frame_counts`) or else the last scored frame + 1 (reported by
+    :func:`frame_count_mismatches`): frames between or beyond the scored ones are
     interpolated / copied from the nearest, as for the evaluation, and frames past the video's end
     are cut. Videos are matched by name (``videos`` defaults to every scored video); a listed video
     without any scored frame gets uniform probabilities (class 0) and VA 0 when its frame count is
@@ -136,6 +139,41 @@ def export_submission(
             with atomic.atomic_path(out_dir / "VA" / f"{v}.txt") as tmp:
                 pl.DataFrame({"valence": va_v[:, 0], "arousal": va_v[:, 1]}).write_csv(tmp, float_precision=6)
     return {"dir": str(out_dir), "tasks": tasks, "videos": len(videos), "frames": int(sum(n_of))}
+
+
+def _frames(frames: list[int], few: int = 5) -> str:
+    """``"frame 10"``, ``"frames 3, 4, 9"``, ``"frames 3, 4, 5, 6, 7, ... (12 in all)"``."""
+    listed = ", ".join(map(str, frames[:few])) + (f", ... ({len(frames)} in all)" if len(frames) > few else "")
+    return ("frame " if len(frames) == 1 else "frames ") + listed
+
+
+def frame_count_mismatches(accounting: pl.DataFrame, split: str, videos: Sequence[str],
+                           frame_counts: Mapping[str, int]) -> list[str]:
+    """Where a submitted video's lines (one per frame of the video: its frame count, the
+    container's, see ``extract.Decoding``) and its frames in the accounting of ``split`` differ,
+    one line each: frames that did not decode (``unreadable_frame``; their lines are filled from
+    the neighbouring frames), scored frames at or past the frame count (not submitted), and a video
+    without a frame count (its lines then end at its last scored frame: a count that depends on
+    which frames decoded)."""
+    rows = accounting.filter((pl.col("split") == split) & pl.col("video").is_in(list(videos)))
+    out = []
+    for v in videos:
+        mine = rows.filter(pl.col("video") == v)
+        n = frame_counts.get(v)
+        if n is None:
+            out.append(f"{v}: no frame count; its lines end at its last scored frame, a count that depends "
+                       f"on which frames decoded")
+            continue
+        bad = sorted(mine.filter(pl.col("reason") == "unreadable_frame")["frame"].to_list())
+        if bad:
+            out.append(f"{v}: {len(bad)} of its {n} frames did not decode (unreadable_frame: {_frames(bad)}); "
+                       f"their lines are filled from the neighbouring frames")
+        scored = mine.filter((pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS)))
+        past = sorted(scored.filter(pl.col("frame") >= n)["frame"].to_list())
+        if past:
+            out.append(f"{v}: {len(past)} scored frames at or past its {n} frames ({_frames(past)}) "
+                       f"are not in the submission")
+    return out
 
 
 def check_submission(

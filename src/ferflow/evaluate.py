@@ -17,8 +17,11 @@ Outputs in ``--out-dir``: ``metrics.json`` (see :func:`evaluate`), ``ensemble_{s
 ``ensemble_{split}_smoothed.parquet`` when smoothing), and the plots of :mod:`ferflow.plots`.
 With ``--submission-dir``, the (smoothed, when smoothing) ensemble is also written in the ABAW3
 format, one file per video and task, every frame of the video
-(:func:`ferflow.abaw.export_submission`), and checked (:func:`ferflow.abaw.check_submission`;
-``--check-submission DIR`` checks a folder on its own).
+(:func:`ferflow.abaw.export_submission`; the line count is the video's frame count, which does
+not depend on how many frames decoded), and checked (:func:`ferflow.abaw.check_submission`;
+``--check-submission DIR`` checks a folder on its own); where a video's lines and its frames in the
+accounting differ (frames that did not decode, scored frames past the count, no count known) it is
+said in the log and in ``metrics.json`` (:func:`ferflow.abaw.frame_count_mismatches`).
 A table is printed at the end, whose last line is
 ``ensemble: expr_f1=0.xxx va_ccc_mean=0.xxx (valence 0.xxx, arousal 0.xxx)`` (unsmoothed).
 """
@@ -38,7 +41,7 @@ import numpy as np
 import polars as pl
 
 from . import atomic, schemas
-from .abaw import check_submission, export_submission, read_frame_counts, read_test_list
+from .abaw import check_submission, export_submission, frame_count_mismatches, read_frame_counts, read_test_list
 from .ensemble import AUTO_WINDOWS, Aligned, build_ensemble, choose_windows, score, smoothed, smoothing_from
 from .truth import PROB_COLS, VA_COLS, EvaluationError, GroundTruth, load_ground_truth
 
@@ -104,7 +107,7 @@ def evaluate(
                              "ensemble": M, "variants": {name: M}},
          "vote": {"weights": {...}, "va_weights": {...}, "rule": ...},
          "ground_truth": {...}, "inputs": {...}, "outputs": {...},
-         "submission": null | {"dir", "tasks", "videos", "frames", "smoothed", "problems"}}
+         "submission": null | {"dir", "tasks", "videos", "frames", "smoothed", "problems", "mismatches"}}
 
     where M holds ``expr_f1`` (macro over 8 classes), ``expr_accuracy``, ``expr_f1_per_class``
     (class name -> F1), ``expr_confusion`` (8x8 counts, rows = truth), ``va_ccc_valence``,
@@ -238,9 +241,15 @@ def evaluate(
         sub = export_submission(gt, final, submission_dir, test_list, frame_counts)
         sub["smoothed"] = ens_s is not None
         sub["problems"] = check_submission(submission_dir, frame_counts, test_list)
+        listed = list(test_list) if test_list is not None else list(dict.fromkeys(gt.videos()["video"].to_list()))
+        rows = (pl.scan_parquet(accounting).filter((pl.col("split") == split) & pl.col("video").is_in(listed))
+                .select("split", "video", "frame", "status", "reason").collect())
+        sub["mismatches"] = frame_count_mismatches(rows, split, listed, frame_counts or {})
         result["submission"] = sub
         _log(f"submission: {sub['videos']} videos, {sub['frames']} frames in {submission_dir} "
              f"({', '.join(sub['tasks'])}; {'smoothed' if sub['smoothed'] else 'unsmoothed'})")
+        for mismatch in sub["mismatches"]:
+            _log(f"submission: frame count: {mismatch}")
         for problem in sub["problems"]:
             _log(f"submission problem: {problem}")
 

@@ -41,7 +41,7 @@ import sys
 import tarfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -51,7 +51,7 @@ import polars as pl
 
 from .atomic import atomic_path
 from .detect import detector_settings
-from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou, link_tracks
+from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou, link_tracks, unsettled_frames
 from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, read_table, write_table
 
 LANDMARK_COLUMNS = [f"{p}_{c}" for p in LANDMARK_POINTS for c in "xy"]
@@ -69,6 +69,8 @@ class ExtractSettings:
     detect_every: int = 5  # detect on every k-th frame (and the last), interpolate between
     max_jump_iou: float = 0.3  # two detections of a track overlapping less than this: re-detect between
     batch_size: int = 16
+    min_track_frames: int = 3  # shortest track of a face that is kept, in frames (one-off false detections are not)
+    min_track_seconds: float | None = None  # the same in seconds at the video's frame rate; replaces min_track_frames
     align: bool = False  # 5-point alignment from the landmarks (square crop without landmarks)
     device: str = "auto"  # auto (claim a free GPU, else CPU) | cpu | cuda | cuda:N
 
@@ -82,6 +84,10 @@ class ExtractSettings:
         settings = cls(**data)
         if int(settings.detect_every) < 1:
             raise ValueError(f"detect_every must be >= 1, got {settings.detect_every}")
+        if int(settings.min_track_frames) < 1:
+            raise ValueError(f"min_track_frames must be >= 1, got {settings.min_track_frames}")
+        if settings.min_track_seconds is not None and not float(settings.min_track_seconds) > 0:
+            raise ValueError(f"min_track_seconds must be > 0 (or null), got {settings.min_track_seconds}")
         return settings
 
 
@@ -108,11 +114,71 @@ class VideoError(RuntimeError):
     pass
 
 
-def read_frames(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode a video in order, yielding (index, BGR frame); only ``wanted`` indices if given."""
+#: Frames in a row that may fail to decode before the rest of a video is given up (said loudly).
+#: A failed read is taken to be one frame, as it is for intra-only codecs (MJPEG, the usual AVI).
+MAX_FAILED_RUN = 300
+
+
+@dataclass
+class Decoding:
+    """What one pass over a video found; filled in by :func:`read_frames` and :func:`count_frames`.
+
+    ``container``: the frame count the container states (``CAP_PROP_FRAME_COUNT``; 0 when it states
+    none), ``fps`` its frame rate (0 when unknown), ``decoded`` the frames that decoded, ``end`` one
+    past the last of them, ``failed`` the frames before the video's end that did not decode, and
+    ``gave_up`` the first frame not tried when :data:`MAX_FAILED_RUN` frames in a row failed.
+    """
+
+    container: int = 0
+    fps: float = 0.0
+    decoded: int = 0
+    end: int = 0
+    failed: list[int] = field(default_factory=list)
+    gave_up: int | None = None
+
+    @property
+    def n_frames(self) -> int:
+        """Frames of the video: the container's count, or the frames found when more (or it states
+        none); 0 when no frame decodes. It does not shrink when frames fail to decode."""
+        return max(self.container, self.end) if self.decoded else 0
+
+    def opened(self, cap) -> None:
+        count, fps = cap.get(cv2.CAP_PROP_FRAME_COUNT), cap.get(cv2.CAP_PROP_FPS)
+        self.container = int(count) if math.isfinite(count) and count > 0 else 0
+        self.fps = float(fps) if math.isfinite(fps) and fps > 0 else 0.0
+
+    def step(self, i: int, ok: bool) -> bool:
+        """Record whether frame ``i`` decoded; False when the pass should stop (the video's end,
+        or :data:`MAX_FAILED_RUN` failures in a row)."""
+        if ok:
+            self.decoded += 1
+            self.end = i + 1
+            return True
+        if self.container and i >= self.container:
+            return False  # past the container's count: the video's end
+        self.failed.append(i)
+        if i + 1 - self.end < MAX_FAILED_RUN:
+            return True  # go on past a broken frame
+        if self.container:
+            self.gave_up = i + 1
+        else:  # no count stated: the failed run is the video's end, not frames
+            self.failed = [f for f in self.failed if f < self.end]
+        return False
+
+
+def read_frames(path: str, wanted: set[int] | None = None, decoding: Decoding | None = None
+                ) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode a video in order, yielding (index, BGR frame); only ``wanted`` indices if given.
+
+    A frame that fails to decode is skipped and decoding goes on, so later frames keep their index;
+    it stops at the container's frame count, or after :data:`MAX_FAILED_RUN` failures in a row.
+    ``decoding``, when given, is filled in (see :class:`Decoding`). VideoError when it cannot be opened.
+    """
+    decoding = Decoding() if decoding is None else decoding
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():
         raise VideoError(f"{path}: cannot be opened as a video")
+    decoding.opened(cap)
     try:
         last = max(wanted) if wanted else None
         i = 0
@@ -124,9 +190,9 @@ def read_frames(path: str, wanted: set[int] | None = None) -> Iterator[tuple[int
                 frame = None
             else:
                 ok, frame = cap.read()
-            if not ok:
+            if not decoding.step(i, ok):
                 break
-            if frame is not None:
+            if ok and frame is not None:
                 yield i, frame
             i += 1
     finally:
@@ -197,8 +263,10 @@ def detect_frames(video: str, detector, frames: set[int], batch_size: int) -> di
     return dets
 
 
-def detect_keyframes(video: str, detector, every: int, batch_size: int) -> tuple[dict[int, np.ndarray], int, int]:
-    """One decoding pass: detections on every ``every``-th frame and the last; (dets, frames, width)."""
+def detect_keyframes(video: str, detector, every: int, batch_size: int, decoding: Decoding | None = None
+                     ) -> tuple[dict[int, np.ndarray], int, int]:
+    """One decoding pass: detections on every ``every``-th frame and the last decoded one; (dets,
+    frames of the video (:attr:`Decoding.n_frames`), width). ``decoding`` is filled in when given."""
     dets: dict[int, np.ndarray] = {}
     batch: list[tuple[int, np.ndarray]] = []
     last: tuple[int, np.ndarray] | None = None
@@ -210,7 +278,8 @@ def detect_keyframes(video: str, detector, every: int, batch_size: int) -> tuple
                 dets[i] = d
             batch.clear()
 
-    for i, frame in prefetch(read_frames(video)):
+    decoding = Decoding() if decoding is None else decoding
+    for i, frame in prefetch(read_frames(video, decoding=decoding)):
         width = frame.shape[1]
         if i % every == 0:
             batch.append((i, frame))
@@ -220,7 +289,7 @@ def detect_keyframes(video: str, detector, every: int, batch_size: int) -> tuple
     if last is not None and last[0] % every != 0:
         batch.append(last)
     flush()
-    return dets, (last[0] + 1 if last else 0), width
+    return dets, decoding.n_frames, width
 
 
 def plan_boxes(detected: list[int], chosen: dict[int, tuple[np.ndarray, int]], max_jump_iou: float
@@ -261,23 +330,47 @@ def link_gap(every: int) -> int:
     return max(30, 3 * every)
 
 
-def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector
+def min_track_frames(settings: ExtractSettings, fps: float) -> int:
+    """The shortest track kept, in frames: ``min_track_seconds`` at the video's ``fps`` (rounded,
+    at least 1) when set, else ``min_track_frames``. ValueError when seconds are asked for and the
+    video states no frame rate."""
+    if settings.min_track_seconds is None:
+        return max(1, int(settings.min_track_frames))
+    if fps <= 0:
+        raise ValueError(f"min_track_seconds: the video states no frame rate; set min_track_frames instead")
+    return max(1, int(round(float(settings.min_track_seconds) * fps)))
+
+
+def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
+                decoding: Decoding | None = None
                 ) -> tuple[dict[str, dict[int, tuple[str, np.ndarray]]], int, dict[int, np.ndarray]]:
-    """Every person's boxes per frame, the frame count, and the detections made (per frame)."""
+    """Every person's boxes per frame, the frame count, and the detections made (per frame).
+
+    Frames that do not decode are never asked for again; a track shorter than the minimum
+    (:func:`min_track_frames`) has the frames between it and the detected frames next to it
+    detected, so that its length is known to the frame before it is kept or left out
+    (:func:`ferflow.faces.unsettled_frames`). ``decoding`` (first pass) is filled in when given.
+    """
     k = max(1, int(settings.detect_every))
-    dets, n_frames, width = detect_keyframes(video, detector, k, settings.batch_size)
+    decoding = Decoding() if decoding is None else decoding
+    dets, n_frames, width = detect_keyframes(video, detector, k, settings.batch_size, decoding)
+    shortest = min_track_frames(settings, decoding.fps)
+    undecodable = set(decoding.failed) | set(range(decoding.end, n_frames))
     while True:
         plans: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
         need: set[int] = set()
         detected = sorted(dets)
         for name, person in persons.items():
-            chosen = choose_track(dets, person, width, link_gap(k))
+            chosen = choose_track(dets, person, width, link_gap(k), min_frames=shortest, n_frames=n_frames)
             plans[name], redetect = plan_boxes(detected, chosen, settings.max_jump_iou)
-            need |= redetect
+            need |= redetect | unsettled_frames(dets, person, width, link_gap(k), shortest)
         need.difference_update(dets)
+        need -= undecodable
         if not need:
             return plans, n_frames, dets
-        dets.update(detect_frames(video, detector, need, settings.batch_size))
+        found = detect_frames(video, detector, need, settings.batch_size)
+        dets.update(found)
+        undecodable |= need - found.keys()  # never asked for again
 
 
 def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: int = 3
@@ -316,18 +409,36 @@ def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: 
 
 def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
                   out_tar: str, out_table: str) -> pl.DataFrame:
-    """Extract the faces of each annotated person (``{annotation name: side}``) of one video."""
+    """Extract the faces of each annotated person (``{annotation name: side}``) of one video.
+
+    One row per person and frame ``0 .. n_frames - 1`` (:attr:`Decoding.n_frames`); a frame that
+    does not decode has status ``undecodable`` (the shard stage's ``unreadable_frame``), and the
+    frames after it keep their index. No frame decoded: an empty table.
+    """
     problem = f"{video}: no frame decoded"
+    decoding = Decoding()
     try:
-        plans, n_frames, _ = track_video(video, persons, settings, detector)
+        plans, n_frames, _ = track_video(video, persons, settings, detector, decoding)
     except VideoError as exc:
         plans, n_frames, problem = {name: {} for name in persons}, 0, str(exc)
     if n_frames == 0:  # an empty table: the shard stage counts the annotated frames as unreadable_video
         print(f"{problem}; its annotated frames are counted as unreadable_video", file=sys.stderr)
+    else:
+        report_decoding(video, decoding)
     described = settings_json(detector_settings(detector), asdict(settings))
     rows = _rows()
+
+    def undecodable(upto: int) -> None:
+        for j in range(next_frame, upto):
+            for name in persons:
+                _append(rows, video=name, frame=j, status="undecodable", box=None, member=None,
+                        n_frames=n_frames, crop=None, detector=described)
+
+    next_frame = 0
     with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for i, frame in (prefetch(read_frames(video)) if n_frames else iter(())):
+            undecodable(i)
+            next_frame = i + 1
             for name in persons:
                 status, box = plans[name].get(i, ("missing", None))
                 member = kind = None
@@ -340,7 +451,39 @@ def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings
                     _add_member(tar, member, encode_jpeg(crop, settings.jpeg_quality))
                 _append(rows, video=name, frame=i, status=status, box=box, member=member, n_frames=n_frames,
                         crop=kind, detector=described)
+        undecodable(n_frames)
     return _write(rows, out_table)
+
+
+def _spans(frames: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    out, start = [], None
+    for a, b in zip(frames, [*frames[1:], None]):
+        start = a if start is None else start
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ", ".join(out)
+
+
+def report_decoding(video: str, decoding: Decoding, log=None) -> None:
+    """Say which frames of ``video`` did not decode, and loudly when decoding was given up
+    (on ``log``, default stderr: the job's log)."""
+    log = sys.stderr if log is None else log
+    n = decoding.n_frames
+    if decoding.gave_up is not None:
+        print(f"WARNING: {video}: {MAX_FAILED_RUN} frames in a row failed to decode; decoding given up at "
+              f"frame {decoding.gave_up} of the {decoding.container} the container states; frames "
+              f"{decoding.end}..{n - 1} are counted as unreadable_frame", file=log)
+    failed = [f for f in decoding.failed if f < decoding.end]
+    if failed:
+        print(f"{video}: {len(failed)} of {n} frames did not decode (frames {_spans(failed)}); counted as "
+              f"unreadable_frame, the later frames keep their index", file=log)
+    if decoding.gave_up is None and decoding.end < n:
+        print(f"{video}: the container states {decoding.container} frames, {decoding.end} decoded (frames "
+              f"{decoding.end}..{n - 1} are counted as unreadable_frame)", file=log)
+    elif decoding.container and decoding.end > decoding.container:
+        print(f"{video}: {decoding.end} frames decoded, the container states {decoding.container}", file=log)
 
 
 def _rows() -> dict[str, list]:
@@ -397,15 +540,19 @@ _NUMBERED = re.compile(r"^\d+$")
 
 
 def count_frames(video: str) -> int:
-    """Frames OpenCV decodes from ``video`` (the count every stage uses); VideoError if unreadable."""
+    """Frames of ``video`` as every stage counts them (:attr:`Decoding.n_frames`: the container's
+    count, not fewer when some frames fail to decode; 0 when none decodes), found by grabbing every
+    frame; VideoError if it cannot be opened."""
+    decoding = Decoding()
     cap = cv2.VideoCapture(video)
     if not cap.isOpened():
         raise VideoError(f"{video}: cannot be opened as a video")
+    decoding.opened(cap)
     try:
-        n = 0
-        while cap.grab():
-            n += 1
-        return n
+        i = 0
+        while decoding.step(i, cap.grab()):
+            i += 1
+        return decoding.n_frames
     finally:
         cap.release()
 

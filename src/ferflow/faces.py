@@ -6,21 +6,30 @@ Person choice (:func:`choose_track`) works offline on the detections of a whole 
 
 1. :func:`link_tracks` links the detections of successive detected frames into tracks (greedy, by
    IoU >= ``min_iou`` with the track's last box, across gaps of up to ``max_gap`` frames);
-2. among the tracks with at least ``min_track`` detections, the person's are the set of tracks
-   that do not overlap in time with the largest total weight, a track's weight being its duration
-   times its median box side (:func:`schedule_tracks`): the largest face, kept continuous. A chosen
-   track is followed over its whole life; a frame in its life where it has no detection (the face
-   was missed or hidden) gets no box rather than another face, so a background face never steals
-   the track, not even for one frame; a track that overlaps a chosen one is never used at all, and
-   one-off false detections never are. Where the chosen track ends (the person left, or turned
-   away for longer than ``max_gap``), the next chosen track may be another face (a cut, or the
-   person coming back elsewhere), but only one that does not overlap the chosen ones.
+2. among the tracks at least ``min_frames`` frames long (first to last detection), the person's
+   are the set of tracks that do not overlap in time with the largest total weight, a track's
+   weight being its duration times its median box side (:func:`schedule_tracks`): the largest
+   face, kept continuous. A chosen track is followed over its whole life; a frame in its life where
+   it has no detection (the face was missed or hidden) gets no box rather than another face, so a
+   background face never steals the track, not even for one frame; a track that overlaps a chosen
+   one is never used at all, and one-off false detections never are. Where the chosen track ends
+   (the person left, or turned away for longer than ``max_gap``), the next chosen track may be
+   another face (a cut, or the person coming back elsewhere), but only one that does not overlap
+   the chosen ones.
+
+A track's length is only known to the frame once the frames next to its ends have been looked at:
+with detection on every k-th frame, a face on screen for 6 frames may be detected on one or two of
+them. :func:`unsettled_frames` gives the frames to detect next to every track shorter than
+``min_frames``; once they are detected, a face detected every time it was looked for is as long as
+it was on screen, and kept when that is at least ``min_frames``, while a one-off false detection
+stays one frame long and is left out.
 
 ``left``/``right`` people only see the detections whose centre lies in their half of the frame.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import cv2
@@ -107,21 +116,50 @@ def link_tracks(dets: dict[int, np.ndarray], max_gap: int, min_iou: float = 0.3)
     return tracks
 
 
+def person_tracks(dets: dict[int, np.ndarray], person: str, frame_width: int, max_gap: int,
+                  min_iou: float = 0.3) -> list[Track]:
+    """The tracks of the detections a person may take (:func:`on_side`, :func:`link_tracks`)."""
+    side = {f: on_side(d, person, frame_width) for f, d in dets.items()}
+    return link_tracks(side, max_gap, min_iou)
+
+
 def choose_track(dets: dict[int, np.ndarray], person: str, frame_width: int, max_gap: int,
-                 min_iou: float = 0.3, min_track: int = 3) -> dict[int, tuple[np.ndarray, int]]:
+                 min_iou: float = 0.3, min_frames: int = 3, n_frames: int | None = None
+                 ) -> dict[int, tuple[np.ndarray, int]]:
     """The person's box on each detected frame where it has one: ``{frame: (row, track id)}``.
 
-    See the module docstring. ``min_track`` is lowered to the number of detected frames for
-    very short videos.
+    See the module docstring. A track is eligible when it spans at least ``min_frames`` frames
+    (first to last detection); ``min_frames`` is lowered to ``n_frames`` (the video's frame count,
+    default: up to the last detected frame) for very short videos.
     """
-    side = {f: on_side(d, person, frame_width) for f, d in dets.items()}
-    tracks = link_tracks(side, max_gap, min_iou)
-    need = max(1, min(min_track, len(dets)))
+    tracks = person_tracks(dets, person, frame_width, max_gap, min_iou)
+    if n_frames is None:
+        n_frames = max(dets) + 1 if dets else 0
+    need = max(1, min(min_frames, n_frames))
     chosen: dict[int, tuple[np.ndarray, int]] = {}
-    for i in schedule_tracks([t if len(t.frames) >= need else None for t in tracks]):
+    for i in schedule_tracks([t if t.last - t.first + 1 >= need else None for t in tracks]):
         for f, row in zip(tracks[i].frames, tracks[i].rows):
             chosen[f] = (row, i)
     return dict(sorted(chosen.items()))
+
+
+def unsettled_frames(dets: dict[int, np.ndarray], person: str, frame_width: int, max_gap: int,
+                     min_frames: int, min_iou: float = 0.3) -> set[int]:
+    """Frames not yet detected between each of the person's tracks shorter than ``min_frames``
+    and the detected frames before and after it: once they are detected, the track's length is
+    known to the frame (a face may have been on screen longer than the keyframes saw). Empty when
+    every short track's neighbouring frames have been detected. At most ``2 (k - 1)`` frames per
+    short track with detection on every k-th frame."""
+    detected = sorted(dets)
+    need: set[int] = set()
+    for t in person_tracks(dets, person, frame_width, max_gap, min_iou):
+        if t.last - t.first + 1 >= min_frames:
+            continue
+        j = bisect.bisect_left(detected, t.first)
+        need.update(range(detected[j - 1] + 1 if j > 0 else t.first, t.first))
+        j = bisect.bisect_right(detected, t.last)
+        need.update(range(t.last + 1, detected[j] if j < len(detected) else t.last + 1))
+    return need
 
 
 def schedule_tracks(tracks: list[Track | None]) -> list[int]:

@@ -57,14 +57,14 @@ LABEL_USABLE = "usable"
 FACES: Schema = {
     "video": pl.String,  # annotation name, as in MANIFEST.video
     "frame": pl.Int64,
-    "status": pl.String,  # detected | interpolated | provided | missing | unreadable | bad_box
+    "status": pl.String,  # detected | interpolated | provided | missing | unreadable | bad_box | undecodable (video frame)
     "x0": pl.Float32,
     "y0": pl.Float32,
     "x1": pl.Float32,
     "y1": pl.Float32,
     "score": pl.Float32,
     "member": pl.String,  # name of the crop inside the unit's tar, null when no crop
-    "n_frames": pl.Int64,  # decoded frames of the video (images: rows of the chunk)
+    "n_frames": pl.Int64,  # frames of the video: the container's count, not fewer when frames fail to decode (images: rows of the chunk)
 }
 
 #: The five landmarks of a face, in image order as RetinaFace gives them ("left" = image left).

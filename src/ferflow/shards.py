@@ -49,7 +49,8 @@ class AccountingError(AssertionError):
     """The accounting does not add up (a bug or inconsistent inputs); nothing is written."""
 
 
-FACE_STATUS_REASON = {"missing": "no_face", "unreadable": "unreadable_image", "bad_box": "bad_box"}
+FACE_STATUS_REASON = {"missing": "no_face", "unreadable": "unreadable_image", "bad_box": "bad_box",
+                      "undecodable": "unreadable_frame"}
 
 
 def sample_key(split: str, source: str, video: str, frame: int) -> str:

@@ -2,8 +2,9 @@
 
 Ground truth
     The ACCOUNTING rows of the split that are either ``written`` (a face crop exists) or dropped
-    for ``no_face``: ABAW scores every frame of a video, including those where no face was
-    found. Rows dropped for any other reason (beyond the video's end, unannotated, invalid value,
+    for ``no_face`` or ``unreadable_frame``: ABAW scores every frame of a video, including those
+    where no face was found and those our decoder could not read (their predictions are filled
+    from the neighbouring frames). Rows dropped for any other reason (beyond the video's end, unannotated, invalid value,
     unmapped label, ...) are not scored. A frame's expression is scored where it is not null; its
     valence/arousal where both are not null (Aff-Wild2's -5 markers were nulled upstream).
 
@@ -27,7 +28,7 @@ from .labels import NUM_EXPRESSIONS
 
 PROB_COLS = [f"p{i}" for i in range(NUM_EXPRESSIONS)]
 VA_COLS = ["valence", "arousal"]
-SCORED_REASONS = ("no_face",)  # dropped rows that are still scored (no prediction -> filled)
+SCORED_REASONS = ("no_face", "unreadable_frame")  # dropped rows that are still scored (no prediction -> filled)
 _FRAME_LIMIT = 1 << 31  # frames live in the low 32 bits of the sort key
 
 
@@ -52,7 +53,7 @@ class GroundTruth:
     va: np.ndarray  # float32 (N, 2), NaN where not scored
     expr_mask: np.ndarray  # bool: expression scored
     va_mask: np.ndarray  # bool: valence and arousal scored
-    n_no_face: int  # scored frames that had no face (always filled)
+    n_no_face: int  # scored frames without a face crop (no face, or the frame did not decode; always filled)
 
     @property
     def n(self) -> int:
@@ -156,7 +157,8 @@ def ground_truth_from_accounting(accounting: pl.DataFrame, split: str, where: st
         present = sorted(s for s in accounting["split"].unique().to_list() if s is not None)
         n_split = accounting.filter(pl.col("split") == split).height
         raise EvaluationError(
-            f"{where}: no ground-truth rows for split {split!r} (status 'written' or reason 'no_face'); "
+            f"{where}: no ground-truth rows for split {split!r} (status 'written' or reason "
+            f"{' or '.join(repr(r) for r in SCORED_REASONS)}); "
             f"{n_split} rows of that split in all, splits present: {present}"
         )
     rows = accounting.select(

@@ -1,4 +1,5 @@
 # Config validation, source/unit tables, input functions and per-stage code versions.
+import atexit
 import hashlib
 import re
 import json
@@ -76,6 +77,80 @@ def code_version(stage):
 def as_json(value):
     """Params as sorted JSON strings: stable across runs, so they only trigger on real changes."""
     return json.dumps(value, sort_keys=True)
+
+
+# ---- content fingerprints ------------------------------------------------------------------
+# Snakemake reruns a job whose input is newer than its output; a file replaced by one with an
+# older modification time (unzip of a re-released archive, cp -p, rsync -t) would go unnoticed.
+# So the jobs that read the user's files carry their content as params: a change of content
+# reruns them (and what follows), whatever the mtimes. Annotation files and test lists: a SHA-256
+# of the whole file; videos: their size and a SHA-256 of their first and last MiB (a video is never
+# read whole for this). Results are cached in .snakemake/ferflow-fingerprints.json, keyed by
+# (device, inode, size, mtime, ctime): a replaced file always has a new ctime, so the cache never
+# hides a change, and an unchanged dataset costs one stat() per file.
+_FINGERPRINTS = Path(".snakemake") / "ferflow-fingerprints.json"
+_MIB = 1 << 20
+
+
+def _load_fingerprints():
+    try:
+        cached = json.loads(_FINGERPRINTS.read_text())
+        return cached if isinstance(cached, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+_FP_CACHE = _load_fingerprints()
+_FP_NEW = []
+
+
+def _save_fingerprints():
+    """Write the cache (atomically) when new fingerprints were computed in this run."""
+    if not _FP_NEW:
+        return
+    try:
+        _FINGERPRINTS.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _FINGERPRINTS.with_name(f"{_FINGERPRINTS.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_FP_CACHE, sort_keys=True))
+        os.replace(tmp, _FINGERPRINTS)
+    except OSError:
+        pass  # a cache only: the next run computes the fingerprints again
+
+
+atexit.register(_save_fingerprints)
+
+
+def fingerprint(path, whole):
+    """``size:sha256`` of the file's content (``whole``), or of its first and last MiB; cached."""
+    st = os.stat(path)
+    key = f"{'whole' if whole else 'ends'}:{os.path.abspath(path)}"
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    hit = _FP_CACHE.get(key)
+    if isinstance(hit, list) and len(hit) == 2 and hit[0] == stamp:
+        return hit[1]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if whole or st.st_size <= 2 * _MIB:
+            for block in iter(lambda: fh.read(_MIB), b""):
+                h.update(block)
+        else:
+            h.update(fh.read(_MIB))
+            fh.seek(-_MIB, os.SEEK_END)
+            h.update(fh.read(_MIB))
+    value = f"{st.st_size}:{h.hexdigest()[:20]}"
+    _FP_CACHE[key] = [stamp, value]
+    _FP_NEW.append(key)
+    return value
+
+
+def content_param(paths, whole=True):
+    """One fingerprint of the user's files among ``paths`` (their paths and contents), for params:
+    ``"<n> files <digest>"``. Files the workflow generates (the demo data) and folders are left to
+    Snakemake's own checks. Params must not be functions of ``input`` (Snakemake does not record
+    those), so rules call it on their input functions."""
+    found = {p: fingerprint(p, whole) for p in sorted(set(map(str, paths)))
+             if not is_demo_path(p) and os.path.isfile(p)}
+    return f"{len(found)} files {hashlib.sha256(as_json(found).encode()).hexdigest()[:20]}"
 
 
 # ---- demo data ---------------------------------------------------------------------------

@@ -54,6 +54,7 @@ rule export_submission:
         ),
         weights=" ".join(f"{name}={w}" for name, w in variant_weights().items()),
         out_dir=lambda wc, output: os.path.dirname(output.metrics),
+        content=content_param(test_lists()),
         code=code_version("evaluate"),
     log:
         "logs/export_submission/export_submission.log",

@@ -17,6 +17,7 @@ rule extract_video_faces:
     params:
         mode=extract_mode,
         persons=person_args,
+        content=lambda wc: content_param([video_path(wc)], whole=False),  # size + first and last MiB
         settings=extract_settings(),
         code=code_version("extract"),
     log:

@@ -11,6 +11,8 @@ rule index_source:
     params:
         source=lambda wc: as_json(SOURCES[wc.source]),
         on_unusable=config["on_unusable_input"],
+        content=lambda wc: content_param(index_inputs(wc)),  # annotation files and test list, by content
+        videos=lambda wc: content_param(index_videos(wc), whole=False),  # size + first and last MiB
         code=code_version("index"),
     log:
         "logs/index_source/{source}.log",
