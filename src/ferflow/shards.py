@@ -84,6 +84,22 @@ def load_faces(paths: list[str]) -> pl.DataFrame:
     return faces
 
 
+def check_faces_units(manifest: pl.DataFrame, faces_tables: list[str]) -> None:
+    """Every unit with a usable manifest row has a faces table. A unit's table is ``<faces>/<source>/<unit>.parquet``: its parent folder names
+    the source. Without this check a table in a differently named folder (or a forgotten one) would
+    make every frame of its unit look ``unreadable_video``.
+
+    Raises :class:`AccountingError` naming the first unit without a table. (A table of a unit with
+    no usable row, e.g. a header-only annotation file's video, is allowed.)"""
+    have = {(Path(p).parent.name, Path(p).stem): str(p) for p in faces_tables}
+    need = manifest.filter(pl.col("drop").is_null()).select("source", "unit").unique().sort("source", "unit")
+    missing = [(s, u) for s, u in need.iter_rows() if (s, u) not in have]
+    if missing:
+        s, u = missing[0]
+        raise AccountingError(f"no faces table for {len(missing)} unit(s) with usable frames, e.g. {s}/{u}: "
+                              f"expected <faces>/{s}/{u}.parquet (its folder names the source)")
+
+
 def expand_whole_videos(manifest: pl.DataFrame, faces: pl.DataFrame) -> pl.DataFrame:
     """Replace each usable WHOLE_VIDEO row by one row per frame its video's faces table lists
     (every decoded frame); a WHOLE_VIDEO row without any such frame stays as it is."""
@@ -233,6 +249,7 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
     members or the labels of ``labels.parquet`` are not the written rows'."""
     manifest = pl.concat([read_table(p, MANIFEST) for p in manifests]) if manifests else pl.DataFrame(schema=MANIFEST)
     manifest = duplicates(manifest)
+    check_faces_units(manifest, faces_tables)
     faces = load_faces(faces_tables)
     rows = account(manifest, faces)
     check_accounting(manifest, faces, rows)
