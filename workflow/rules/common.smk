@@ -302,7 +302,7 @@ def extract_settings():
 
 
 def uses_gpu_detector():
-    return 1 if config["extract"]["detector"] == "retinaface" else 0
+    return 1 if config["extract"]["detector"] in ("retinaface", "mtcnn") else 0
 
 
 def _alternatives(names):
