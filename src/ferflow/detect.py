@@ -11,7 +11,7 @@ frontal-face cascade, the last resort that needs nothing beyond OpenCV (it misse
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -37,6 +37,24 @@ def as_bgr(frame: np.ndarray) -> np.ndarray:
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"frames must be HxWx3 BGR (or HxW grey), got shape {frame.shape}")
     return frame
+
+
+def detect_in_batches(frames: Sequence[np.ndarray], shape_of: Callable[[int, int], tuple[int, int]],
+                      batch_size: int, detect_batch: Callable[[list[np.ndarray], tuple[int, int]], list[np.ndarray]]
+                      ) -> list[np.ndarray]:
+    """``detect_batch(chunk, shape)`` over ``frames`` grouped by detection shape ``shape_of(h, w)``,
+    at most ``batch_size`` frames per call (frames of different sizes are never padded into one
+    batch); the results in the order of ``frames``."""
+    results: list[np.ndarray | None] = [None] * len(frames)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, frame in enumerate(frames):
+        groups.setdefault(shape_of(*frame.shape[:2]), []).append(i)
+    for shape, members in groups.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            for i, det in zip(chunk, detect_batch([frames[i] for i in chunk], shape)):
+                results[i] = det
+    return results  # type: ignore[return-value]
 
 
 def detector_settings(detector) -> dict:

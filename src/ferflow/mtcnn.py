@@ -39,7 +39,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .detect import as_bgr
+from .detect import as_bgr, detect_in_batches
 
 INSTALL_HINT = "pip install --no-deps 'facenet-pytorch==2.6.0'"
 WEIGHT_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
@@ -135,17 +135,7 @@ class MTCNNDetector:
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        frames = [as_bgr(f) for f in frames]
-        results: list[np.ndarray | None] = [None] * len(frames)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, frame in enumerate(frames):
-            groups.setdefault(self.detection_shape(*frame.shape[:2]), []).append(i)
-        for shape, members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                for i, det in zip(chunk, self._detect_batch([frames[i] for i in chunk], shape)):
-                    results[i] = det
-        return results  # type: ignore[return-value]
+        return detect_in_batches([as_bgr(f) for f in frames], self.detection_shape, self.batch_size, self._detect_batch)
 
     def _detect_batch(self, frames: list[np.ndarray], shape: tuple[int, int]) -> list[np.ndarray]:
         import torch
