@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# retinaface-pytorch 0.0.8 pins torch==1.9.0; its network code runs on current torch.
 	$(BIN)/pip install --quiet --no-deps 'retinaface-pytorch==0.0.8'
+	# facenet-pytorch 2.6.0 (detector: mtcnn, weights in its wheel) pins torch<2.3; runs on current torch.
+	$(BIN)/pip install --quiet --no-deps 'facenet-pytorch==2.6.0'
 	touch $(STAMP)
 
 # The rules call `python -m ferflow.<stage>`: the venv's python must come first on PATH.

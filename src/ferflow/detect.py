@@ -3,13 +3,15 @@
 Each returned array has shape (N, 15): ``x0, y0, x1, y1, score`` then five landmarks
 ``(x, y)`` (left eye, right eye, nose, left mouth corner, right mouth corner), all in pixels of the
 frame it was given; landmarks are NaN for detectors that give none.
-``haar`` is OpenCV's offline frontal-face cascade (used by the demo and the tests);
-``retinaface`` (see :mod:`ferflow.retinaface`) is the detector for real data.
+``retinaface`` (see :mod:`ferflow.retinaface`) is the detector for real data (the paper's; its
+weights are downloaded or given as a file); ``mtcnn`` (see :mod:`ferflow.mtcnn`) is a learned
+detector whose weights ship in its package, for offline runs and the demo; ``haar`` is OpenCV's
+frontal-face cascade, the last resort that needs nothing beyond OpenCV (it misses turned heads).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -23,6 +25,36 @@ class Detector(Protocol):
     def settings(self) -> dict:
         """What decides its output (recorded with every extracted face), JSON-serialisable."""
         ...
+
+
+def as_bgr(frame: np.ndarray) -> np.ndarray:
+    """A frame as HxWx3 uint8 BGR (HxW grey is converted); ValueError for any other dtype or shape."""
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frame.dtype}")
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(f"frames must be HxWx3 BGR (or HxW grey), got shape {frame.shape}")
+    return frame
+
+
+def detect_in_batches(frames: Sequence[np.ndarray], shape_of: Callable[[int, int], tuple[int, int]],
+                      batch_size: int, detect_batch: Callable[[list[np.ndarray], tuple[int, int]], list[np.ndarray]]
+                      ) -> list[np.ndarray]:
+    """``detect_batch(chunk, shape)`` over ``frames`` grouped by detection shape ``shape_of(h, w)``,
+    at most ``batch_size`` frames per call (frames of different sizes are never padded into one
+    batch); the results in the order of ``frames``."""
+    results: list[np.ndarray | None] = [None] * len(frames)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, frame in enumerate(frames):
+        groups.setdefault(shape_of(*frame.shape[:2]), []).append(i)
+    for shape, members in groups.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            for i, det in zip(chunk, detect_batch([frames[i] for i in chunk], shape)):
+                results[i] = det
+    return results  # type: ignore[return-value]
 
 
 def detector_settings(detector) -> dict:

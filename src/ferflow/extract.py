@@ -59,7 +59,7 @@ LANDMARK_COLUMNS = [f"{p}_{c}" for p in LANDMARK_POINTS for c in "xy"]
 
 @dataclass
 class ExtractSettings:
-    detector: str = "retinaface"  # retinaface | haar
+    detector: str = "retinaface"  # retinaface | mtcnn | haar
     retinaface_weights: str | None = None
     detect_size: int = 640
     min_score: float = 0.7
@@ -91,6 +91,10 @@ class ExtractSettings:
         return settings
 
 
+#: Detectors that run on a GPU when there is one (``device: auto`` claims one, as training does).
+GPU_DETECTORS = ("retinaface", "mtcnn")
+
+
 def make_detector(settings: ExtractSettings, device: str | None = None):
     if settings.detector == "haar":
         from .detect import HaarDetector
@@ -102,7 +106,12 @@ def make_detector(settings: ExtractSettings, device: str | None = None):
         return RetinaFaceDetector(weights=settings.retinaface_weights, detect_size=settings.detect_size,
                                   min_score=settings.min_score, device=device or settings.device,
                                   batch_size=settings.batch_size)
-    raise ValueError(f"unknown detector {settings.detector!r}; use 'retinaface' or 'haar'")
+    if settings.detector == "mtcnn":
+        from .mtcnn import MTCNNDetector
+
+        return MTCNNDetector(detect_size=settings.detect_size, min_score=settings.min_score,
+                             device=device or settings.device, batch_size=settings.batch_size)
+    raise ValueError(f"unknown detector {settings.detector!r}; use 'retinaface', 'mtcnn' or 'haar'")
 
 
 def settings_json(detector: dict, extract: dict) -> str:
@@ -695,15 +704,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "video":
         persons = _persons(args.person)
         claim = contextlib.nullcontext(None)
-        if settings.detector == "retinaface":
+        if settings.detector in GPU_DETECTORS:
             from .devices import select_device
 
             claim = select_device(settings.device)
         with claim as device:
-            if device is not None and device.type == "cuda":
+            if device is not None and device.type == "cuda" and settings.detector == "retinaface":
                 import torch
 
-                torch.backends.cudnn.benchmark = True  # one detection shape per video
+                # one detection shape per video (MTCNN's R- and O-Net batches change size every call)
+                torch.backends.cudnn.benchmark = True
             detector = make_detector(settings, str(device) if device is not None else None)
             table = extract_video(args.video, persons, settings, detector, args.out_tar, args.out_table)
         what = args.video

@@ -45,6 +45,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import batched_nms
 
+from .detect import as_bgr, detect_in_batches
+
 # Same as retinaface.pre_trained_models.models["resnet50_2020-07-20"].url (tested); not imported from
 # there because that module imports albumentations, which the pipeline does not need otherwise.
 RETINAFACE_URL = (
@@ -242,17 +244,8 @@ class RetinaFaceDetector:
         return self._priors[shape]
 
     def __call__(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
-        frames = [_as_bgr(f) for f in frames]
-        results: list[np.ndarray | None] = [None] * len(frames)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, frame in enumerate(frames):
-            groups.setdefault(detection_shape(*frame.shape[:2], self.detect_size), []).append(i)
-        for shape, members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                for i, det in zip(chunk, self._detect_batch([frames[i] for i in chunk], shape)):
-                    results[i] = det
-        return results  # type: ignore[return-value]
+        return detect_in_batches([as_bgr(f) for f in frames], lambda h, w: detection_shape(h, w, self.detect_size),
+                                 self.batch_size, self._detect_batch)
 
     def _detect_batch(self, frames: list[np.ndarray], shape: tuple[int, int]) -> list[np.ndarray]:
         h, w = shape
@@ -298,14 +291,3 @@ class RetinaFaceDetector:
             rows = rows.cpu().numpy()  # the one device -> host copy
         counts = np.bincount(rows[:, 15].astype(np.int64), minlength=len(frames))
         return [np.ascontiguousarray(a[:, :15]) for a in np.split(rows, np.cumsum(counts)[:-1])]
-
-
-def _as_bgr(frame: np.ndarray) -> np.ndarray:
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frame.dtype}")
-    if frame.ndim == 2:
-        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    if frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"frames must be HxWx3 BGR (or HxW grey), got shape {frame.shape}")
-    return frame

@@ -302,7 +302,9 @@ def extract_settings():
 
 
 def uses_gpu_detector():
-    return 1 if config["extract"]["detector"] == "retinaface" else 0
+    """1 for a detector that runs on a GPU when there is one, unless told to use the CPU."""
+    extract = config["extract"]
+    return 1 if extract["detector"] in ("retinaface", "mtcnn") and extract["device"] != "cpu" else 0
 
 
 def _alternatives(names):
