@@ -18,7 +18,7 @@ from ferflow.config_check import ConfigError, check_config, config_problems, loa
 from workflow_helpers import CONFIG, REPO, env
 
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
-STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate", "report"]
+STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate", "report", "annotate", "export"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
