@@ -177,6 +177,9 @@ def va_over_time(time, track, valence, arousal, expression, path: str | os.PathL
     handles = [Patch(color=colours[i], label=name) for i, name in enumerate(EXPRESSIONS)]
     lines = axes[0].get_legend_handles_labels()[0]
     fig.legend(handles=lines + handles, loc="outside right upper", fontsize=8)
+    return _save(fig, path)
+
+
 def per_video(videos: Sequence[str], expr_f1: Sequence[float], va_ccc: Sequence[float],
               path: str | os.PathLike, title: str = "ensemble") -> Path:
     """Two horizontal bar panels, one bar per video: expression F1 and VA mean CCC, each sorted
