@@ -20,6 +20,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/annotate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -1,6 +1,7 @@
 """The whole workflow on the tiny demo config, and each stage's CLI on its own."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from ferflow.schemas import ACCOUNTING, LABELS, read_table
 from workflow_helpers import CONFIG, TINY, env, snakemake
 
-STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate"]
+STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate", "report"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -117,7 +118,10 @@ def test_unknown_config_key_is_rejected(tmp_path):
     bad.write_text("trainig:\n  epochs: 2\n")
     proc = snakemake(tmp_path, "-n", configs=(CONFIG, bad), check=False)
     assert proc.returncode != 0
-    assert "trainig" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    # one line for the problem (ferflow.config_check), not the whole schema
+    assert "\n  trainig: unknown key (closest valid: 'training')\n" in out
+    assert "additionalProperties" not in out and len(out.splitlines()) < 15, out
 
 
 @pytest.mark.slow
@@ -128,6 +132,62 @@ def test_report_holds_metrics_and_plots(tiny_run):
     for name in ("metrics.json", "summary.txt", "confusion.png", "f1_per_class.png", "va_hist.png", "curves.png"):
         assert name in html, name
     assert html.count("data:image/png;base64") + html.count("image/png") >= 4
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+def test_report_landing_page_in_a_browser(tiny_run, tmp_path):
+    """Opens the report in headless Chromium: the landing page (what the report shows first) holds
+    the metrics table and the per-video table; a screenshot is taken; the figures are non-empty PNGs."""
+    work, _, configs = tiny_run
+    for name in ("summary.html", "per_video.csv", "per_video.png", "va_over_time.png", "class_support.png"):
+        data = (work / "results" / "report" / name).read_bytes()
+        assert len(data) > 100, name
+        if name.endswith(".png"):
+            assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no chromium on PATH (.ci/system-deps installs Debian's chromium): the report is not opened in a browser")
+    snakemake(work, "--report", str(tmp_path / "landing.html"), configs=configs)
+    page = (tmp_path / "landing.html").as_uri()
+    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--window-size=1400,2000"]
+    dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True, timeout=300)
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.rows, self._table = [], {}, None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table" and dict(attrs).get("id", "").startswith("ferflow-"):
+                self._table = dict(attrs)["id"]
+                self.ids.append(self._table)
+                self.rows[self._table] = 0
+            elif tag == "tr" and self._table:
+                self.rows[self._table] += 1
+
+        def handle_endtag(self, tag):
+            if tag == "table":
+                self._table = None
+
+    tables = Tables()
+    tables.feed(dom.stdout)
+    # rendered by the report's own JavaScript on its first view, not only present in its source
+    assert tables.ids[:2] == ["ferflow-metrics", "ferflow-per-video"], tables.ids
+    metrics = json.loads((work / "results" / "evaluation" / "metrics.json").read_text())
+    n_models = (len(metrics["variants"]) + 1) * (2 if metrics["smoothed"] else 1)
+    assert tables.rows["ferflow-metrics"] == 1 + n_models
+    per_video = (work / "results" / "report" / "per_video.csv").read_text().splitlines()
+    assert tables.rows["ferflow-per-video"] == len(per_video)  # header + one row per video, both
+    shot = tmp_path / "landing.png"
+    proc = subprocess.run([*browser, f"--screenshot={shot}", page], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-3000:]
 
 
 def test_even_smoothing_window_is_a_config_error(tmp_path):

@@ -224,7 +224,7 @@ def test_at_most_two_gpu_jobs_at_a_time_each_on_its_own_device(workstation):
 
 
 # ---- only stale stages rerun -----------------------------------------------------------------------
-TRAIN_ON = {"train_variant": 4, "predict_variant": 4, "evaluate_ensemble": 1}
+TRAIN_ON = {"train_variant": 4, "predict_variant": 4, "evaluate_ensemble": 1, "report_evaluation": 1}
 
 
 def _dry_run(work: Path, configs: tuple[Path, ...] = ()) -> dict[str, int]:
@@ -242,7 +242,8 @@ def test_one_variant_parameter_reruns_that_variant_only(workstation, tmp_path):
     work, _ = workstation
     change = tmp_path / "variant.yaml"
     change.write_text(VARIANTS_YAML.replace("seed: 4", "seed: 5"))
-    assert _dry_run(work, (change,)) == {"train_variant": 1, "predict_variant": 1, "evaluate_ensemble": 1}
+    assert _dry_run(work, (change,)) == {"train_variant": 1, "predict_variant": 1, "evaluate_ensemble": 1,
+                                         "report_evaluation": 1}
 
 
 def test_samples_per_shard_reruns_shards_onward(workstation, tmp_path):
@@ -275,14 +276,15 @@ def test_a_new_video_is_extracted_alone(workstation):
 
 @pytest.mark.parametrize("module, expected", [
     ("train", TRAIN_ON),
-    ("evaluate", {"evaluate_ensemble": 1}),
+    ("evaluate", {"evaluate_ensemble": 1, "report_evaluation": 1}),
+    ("report", {"report_evaluation": 1}),
     ("extract", {"extract_video_faces": 4, "extract_image_faces": 2, "write_shards": 1, **TRAIN_ON}),
 ])
 def test_a_code_change_reruns_its_stage_onward(workstation, module, expected):
     work, _ = workstation
     path = work / "src" / "ferflow" / f"{module}.py"
     original = path.read_bytes()
-    path.write_bytes(original + b"\n# edited by a test\n")
+    path.write_bytes(original + b"\nEDITED_BY_A_TEST = True\n")  # code: a comment reruns nothing (test_codeversion.py)
     try:
         counts = _dry_run(work)
     finally:

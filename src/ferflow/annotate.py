@@ -348,7 +348,7 @@ def annotate_video(video: str | os.PathLike, out_dir: str | os.PathLike, runner,
 # ---- CLI --------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferflow annotate", description=__doc__.split("\n\n")[0].strip("` "))
-    p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER")
+    p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER", help="videos, or folders searched for videos")
     p.add_argument("--models", default="results/models", help="the training outputs: <variant>/model.pt")
     p.add_argument("--onnx", default=None, help="run this file of `ferflow export` on onnxruntime instead of --models")
     p.add_argument("--out", required=True, help="folder for <video>.parquet, .csv, .png (and .mp4)")
@@ -357,7 +357,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the models (default: the library's)")
     p.add_argument("--lock-dir", default=None, help="GPU lock folder (default: $FERFLOW_GPU_LOCK_DIR or a temp folder)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_run_arguments(p)
     return p
 

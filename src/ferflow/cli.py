@@ -22,6 +22,7 @@ COMMANDS = {
     "train": "train one bagged variant",
     "predict": "predict every sample of one split with a trained variant",
     "evaluate": "fill, soft-vote, smooth and score the variants' predictions",
+    "report": "the report's first page: metrics, per-video, class support and accounting tables; per-video figures",
     "annotate": "the trained ensemble on any video: per-frame table, plot, annotated video",
     "export": "every variant and the soft vote of the ensemble in one ONNX file",
 }

@@ -349,7 +349,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--va-weights", nargs="*", metavar="NAME=W",
                    help="weights of the valence/arousal mean (default 1; unnamed variants get 1)")
     p.add_argument("--accounting", help="ACCOUNTING parquet (the ground truth)")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="validation", help="split of the ground truth to score (default: validation)")
     p.add_argument("--smoothing", type=_smoothing_arg, default=0, metavar="W|auto",
                    help="centred mean window in frames (odd; 0 = off) or 'auto' to choose it on this split")
     p.add_argument("--smoothing-from", metavar="METRICS_JSON",
@@ -357,7 +357,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "validation split, for a test split without labels); overrides --smoothing")
     p.add_argument("--smoothing-windows", default=",".join(map(str, AUTO_WINDOWS)), metavar="W,W,...",
                    help="candidate windows for --smoothing auto (default %(default)s)")
-    p.add_argument("--out-dir", default="results/evaluation")
+    p.add_argument("--out-dir", default="results/evaluation",
+                   help="folder for metrics.json, ensemble_<split>.parquet and the plots (default: results/evaluation)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sub = p.add_argument_group("submission (ABAW3 format)")
     sub.add_argument("--submission-dir", help="write EXPR/{video}.txt and VA/{video}.txt here (smoothed when smoothing)")

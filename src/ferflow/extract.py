@@ -50,6 +50,7 @@ import numpy as np
 import polars as pl
 
 from .atomic import atomic_path
+from .inputcheck import require_inputs
 from .detect import detector_settings
 from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou, link_tracks, unsettled_frames
 from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, read_table, write_table
@@ -680,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ferflow.extract", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     pv = sub.add_parser("video", help="detect and crop the faces of one video")
-    pv.add_argument("--video", required=True)
+    pv.add_argument("--video", required=True, help="the video file (any format OpenCV decodes)")
     pc = sub.add_parser("cropped", help="use Aff-Wild2's cropped_aligned frames of one video instead of detection")
     pc.add_argument("--root", help="the cropped_aligned folder: one folder of NNNNN.jpg per annotation name")
     pc.add_argument("--dir", action="append", default=[], metavar="ANNOTATION=FOLDER",
@@ -692,13 +693,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--person", action="append", required=True, metavar="ANNOTATION=SIDE",
                        help="annotation name and side (left, right, or empty for the main face); repeatable")
     pi = sub.add_parser("images", help="crop the given boxes of one chunk of an image source")
-    pi.add_argument("--manifest", required=True)
-    pi.add_argument("--unit", required=True)
+    pi.add_argument("--manifest", required=True, help="the source's MANIFEST parquet (ferflow.index)")
+    pi.add_argument("--unit", required=True, help="the chunk to crop, chunkNNN (config: chunks per source)")
     for p in (pv, pc, pi):
         p.add_argument("--settings", default="{}", help="extraction settings as JSON (config.yaml: extract)")
-        p.add_argument("--out-tar", required=True)
-        p.add_argument("--out-table", required=True)
+        p.add_argument("--out-tar", required=True, help="tar of the 224x224 JPEG face crops to write")
+        p.add_argument("--out-table", required=True, help="FACES parquet to write: per frame its box, score and status")
     args = parser.parse_args(argv)
+    require_inputs(f"{parser.prog} {args.mode}", [("--video", getattr(args, "video", None), "file"),
+                                                  ("--manifest", getattr(args, "manifest", None), "file")])
     settings = ExtractSettings.from_json(args.settings)
     t0 = time.perf_counter()
     if args.mode == "video":

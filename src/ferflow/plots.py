@@ -1,5 +1,7 @@
-"""Evaluation plots: confusion matrix, per-class F1 of each variant against the ensemble, and
-2-D histograms of predicted against true valence/arousal.
+"""Evaluation plots: confusion matrix, per-class F1 of each variant against the ensemble, 2-D
+histograms of predicted against true valence/arousal (CCC in the titles), per-video scores sorted
+worst first, valence/arousal over time for a few videos (prediction against ground truth), and
+the class support per split.
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, no display) and
 written atomically. Each plot is a function of plain arrays, so it can be called on its own;
@@ -26,6 +28,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 from .labels import EXPRESSIONS  # noqa: E402
+from .metrics import ccc  # noqa: E402
 
 DPI = 110
 
@@ -100,7 +103,8 @@ def f1_per_class(per_class: Mapping[str, Sequence[float] | Mapping[str, float]],
 
 
 def va_hist(va_true, va_pred, path: str | os.PathLike, bins: int = 50, title: str = "ensemble") -> Path:
-    """2-D histograms of prediction against truth for valence and arousal (log counts)."""
+    """2-D histograms of prediction against truth for valence and arousal (log counts); each title
+    gives the CCC of its frames, a red dashed diagonal marks perfect predictions."""
     fig = Figure(figsize=(12, 5.2), layout="constrained")
     va_true = np.asarray(va_true, dtype=np.float64).reshape(-1, 2) if va_true is not None else np.zeros((0, 2))
     va_pred = np.asarray(va_pred, dtype=np.float64).reshape(-1, 2) if va_pred is not None else np.zeros((0, 2))
@@ -113,11 +117,11 @@ def va_hist(va_true, va_pred, path: str | os.PathLike, bins: int = 50, title: st
             h, _, _ = np.histogram2d(t, p, bins=[edges, edges])
             im = ax.pcolormesh(edges, edges, h.T, norm=LogNorm(vmin=1, vmax=max(h.max(), 1)), cmap="viridis")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="frames")
-            ax.set_title(f"{name}, {title} ({t.size} frames)")
+            ax.set_title(f"{name}, {title}: CCC {ccc(va_true[:, j], va_pred[:, j]):.3f} ({t.size} frames)")
         else:
             ax.text(0, 0, "no frames", ha="center", va="center")
             ax.set_title(f"{name}, {title}")
-        ax.plot([-1, 1], [-1, 1], color="white", lw=0.8, ls="--")
+        ax.plot([-1, 1], [-1, 1], color="tab:red", lw=1.2, ls="--", label="prediction = truth")
         ax.set_xlim(-1, 1)
         ax.set_ylim(-1, 1)
         ax.set_aspect("equal")
@@ -176,6 +180,99 @@ def va_over_time(time, track, valence, arousal, expression, path: str | os.PathL
     return _save(fig, path)
 
 
+def per_video(videos: Sequence[str], expr_f1: Sequence[float], va_ccc: Sequence[float],
+              path: str | os.PathLike, title: str = "ensemble") -> Path:
+    """Two horizontal bar panels, one bar per video: expression F1 and VA mean CCC, each sorted
+    worst first (at the top), so the videos that pull the score down stand out. NaN (a video without
+    that label) is left out of its panel."""
+    videos = list(videos)
+    panels = [("expression F1 (macro over the video's classes)", np.asarray(expr_f1, dtype=np.float64), (0, 1)),
+              ("VA mean CCC", np.asarray(va_ccc, dtype=np.float64), (-1, 1))]
+    n = max([1] + [int(np.isfinite(v).sum()) for _, v, _ in panels])
+    fig = Figure(figsize=(12, min(2.0 + 0.22 * n, 60)), layout="constrained")
+    for j, (label, values, lim) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, j + 1)
+        keep = np.flatnonzero(np.isfinite(values))
+        order = keep[np.argsort(values[keep], kind="stable")]
+        y = np.arange(order.size)
+        vals = values[order]
+        middle = np.median(vals) if vals.size else 0.0
+        ax.barh(y, vals, color=["tab:red" if v < middle else "tab:blue" for v in vals])
+        ax.set_yticks(y, [videos[i] for i in order], fontsize=7)
+        ax.invert_yaxis()  # worst at the top
+        ax.set_xlim(*lim)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(label)
+        ax.set_title(f"{label.split(' (')[0]} per video, {title}\n({order.size} videos, worst at the top; "
+                     "red: below the median)" if order.size else f"{label}: no video with this label", fontsize=10)
+    return _save(fig, path)
+
+
+def va_against_truth(series: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """Valence and arousal against frame number for a few videos, prediction against ground truth.
+
+    series: one mapping per video with ``video`` (name), ``frame`` (N,), ``true`` (N, 2), ``pred``
+    (N, 2) and optionally ``smoothed`` (N, 2) and ``label`` for the smoothed line. Frames without a
+    label are NaN in ``true`` (gaps in the black line). Titles give each panel's CCC over its
+    labelled frames.
+    """
+    rows = max(len(series), 1)
+    fig = Figure(figsize=(13, 2.6 * rows + 0.6), layout="constrained")
+    if not series:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no video with valence/arousal labels", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, path)
+    for i, item in enumerate(series):
+        frame = np.asarray(item["frame"])
+        true = np.asarray(item["true"], dtype=np.float64).reshape(-1, 2)
+        pred = np.asarray(item["pred"], dtype=np.float64).reshape(-1, 2)
+        smooth = item.get("smoothed")
+        for j, name in enumerate(("valence", "arousal")):
+            ax = fig.add_subplot(rows, 2, 2 * i + j + 1)
+            ok = np.isfinite(true[:, j]) & np.isfinite(pred[:, j])
+            ax.plot(frame, true[:, j], color="black", lw=1.2, label="ground truth")
+            ax.plot(frame, pred[:, j], color="tab:blue", lw=0.9, alpha=0.8, label="ensemble")
+            if smooth is not None:
+                ax.plot(frame, np.asarray(smooth, dtype=np.float64).reshape(-1, 2)[:, j], color="tab:orange",
+                        lw=1.0, label=item.get("label", "smoothed"))
+            ax.set_ylim(-1.05, 1.05)
+            ax.axhline(0, color="grey", lw=0.5)
+            score = ccc(true[ok, j], pred[ok, j]) if ok.any() else float("nan")
+            ax.set_title(f"{item['video']}: {name}, CCC {score:.3f}", fontsize=9)
+            ax.set_ylabel(name)
+            if i == rows - 1:
+                ax.set_xlabel("frame")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def class_support(counts: Mapping[str, Sequence[int]], path: str | os.PathLike,
+                  class_names: Sequence[str] = EXPRESSIONS) -> Path:
+    """Grouped bars: the share of each expression class per split (frames with an expression
+    label written to the shards), the count written on each bar."""
+    splits = list(counts)
+    k = len(class_names)
+    width = 0.8 / max(len(splits), 1)
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(k)
+    for i, split in enumerate(splits):
+        c = np.asarray(counts[split], dtype=np.float64)
+        share = c / c.sum() if c.sum() else np.zeros(k)
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), share, width, label=f"{split} ({int(c.sum())} frames)")
+        ax.bar_label(bars, [str(int(v)) for v in c], fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(x, class_names, rotation=30, ha="right")
+    ax.set_ylabel("share of the split's labelled frames")
+    ax.set_ylim(0, 1.1 * max([1e-9] + [max(np.asarray(c) / max(sum(c), 1)) for c in counts.values()]) + 0.05)
+    ax.set_title("expression class support per split")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_evaluation(result: Mapping, out_dir: str | os.PathLike, va_true=None, va_pred=None) -> dict[str, Path]:
     """The three plots of an evaluation from its ``metrics.json`` content (plus VA arrays)."""
     out_dir = Path(out_dir)
@@ -188,7 +285,7 @@ def plot_evaluation(result: Mapping, out_dir: str | os.PathLike, va_true=None, v
     per_class = {n: m["expr_f1_per_class"] for n, m in result["variants"].items()}
     per_class["ensemble"] = ens["expr_f1_per_class"]
     s = result.get("smoothed")
-    if s:
+    if s and s["window"]["expr"] > 1:  # a window of 1 is no smoothing: its bar would repeat the ensemble's
         per_class[f"ensemble smoothed (w={s['window']['expr']})"] = s["ensemble"]["expr_f1_per_class"]
     out["f1_per_class"] = f1_per_class(per_class, out_dir / "f1_per_class.png")
     out["va_hist"] = va_hist(va_true, va_pred, out_dir / "va_hist.png")

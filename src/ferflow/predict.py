@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -23,6 +24,7 @@ import torch
 
 from . import data, devices, schemas
 from .model import load_model
+from .inputcheck import require_inputs
 from .labels import NUM_EXPRESSIONS
 
 log = logging.getLogger("ferflow.predict")
@@ -86,11 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ferflow.predict", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model.pt written by ferflow.train")
     p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default="validation", help="split of the shards to predict (default: validation)")
     p.add_argument("--out", required=True, help="PREDICTIONS parquet to write")
     p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0, load in the main process)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op CPU threads (default: torch's choice; pass the job's cores)")
     p.add_argument("--lock-dir", default=None, help="GPU lock folder (default: $FERFLOW_GPU_LOCK_DIR or a temp folder)")
@@ -99,6 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    require_inputs("python -m ferflow.predict", [("--model", args.model, "file"), ("--shards", args.shards, "dir"),
+                                                 ("--shards", Path(args.shards) / "labels.parquet", "file")])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)

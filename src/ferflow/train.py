@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from . import data, devices, metrics, shardio
 from .atomic import atomic_path, write_text
+from .inputcheck import require_inputs
 from .predict import autocast, infer, to_device
 
 log = logging.getLogger("ferflow.train")
@@ -125,7 +126,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from <out>/last.pt when it exists (default: on)")
-    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-split", default="train", help="split of the shards to train on (default: train)")
     p.add_argument("--val-split", default="validation", help="evaluated after each epoch when present")
     p.add_argument("--lock-dir", default=None, help="GPU lock folder (default: $FERFLOW_GPU_LOCK_DIR or a temp folder)")
     p.add_argument("--threads", type=int, default=None,
@@ -490,6 +491,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
@@ -497,7 +499,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
         ys = [r.get(f"loss_{part}", math.nan) for r in history]
         if any(y for y in ys if not math.isnan(y)):
             ax_loss.plot(epochs, ys, marker="o", label=part)
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{title} loss".strip())
+    ax_loss.set(xlabel="epoch", ylabel="mean loss per training sample", title=f"{title} loss".strip())
     ax_loss.legend(fontsize="small")
     for col, label in (("val_expr_f1", "expression macro F1"), ("val_va_ccc_mean", "VA mean CCC")):
         ys = [r.get(col, math.nan) for r in history]
@@ -508,6 +510,12 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
         ax_val.legend(fontsize="small")
     else:
         ax_val.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax_val.transAxes)
+    for ax in (ax_loss, ax_val):  # epochs are whole numbers: no 0.25-epoch ticks
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+            ax.set_xlim(min(epochs, default=1) - 0.5, max(epochs, default=1) + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -520,6 +528,8 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    require_inputs("python -m ferflow.train", [("--shards", args.shards, "dir"),
+                                               ("--shards", Path(args.shards) / "labels.parquet", "file")])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,16 +9,21 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from ferflow import config_check  # noqa: E402  (schema check only)
+
+# One line per problem (key path, what is wrong, closest valid key) instead of Snakemake's message
+# with the whole schema; Snakemake's validate then fills in the defaults.
+config_check.check_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 validate(config, schema="../schemas/config.schema.yaml")
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 # Jobs run the package in this workflow (the code that code_version() hashes), whether or not
 # ferflow is installed where they run: the --sdm conda environment holds only its dependencies.
 _SRC_ROOT = str(Path(workflow.basedir) / "src")
 _PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 if _PYTHONPATH[:1] != [_SRC_ROOT]:
     os.environ.update(PYTHONPATH=os.pathsep.join([_SRC_ROOT, *_PYTHONPATH]))
-from ferflow import layout  # noqa: E402  (listing only; no stage code runs at parse time)
+from ferflow import codeversion, layout  # noqa: E402  (listing and hashing only; no stage code runs at parse time)
 
 RESULTS = config["results"].rstrip("/")
 SRC = Path(workflow.basedir) / "src" / "ferflow"
@@ -33,45 +38,12 @@ if len(SOURCES) != len(config["sources"]):
 # modules of a stage are its CLI module and every ferflow module it imports, transitively.
 STAGE_ENTRY = {"demo": "demo", "index": "index", "extract": "extract", "shards": "shards",
                "train": "train", "predict": "predict", "evaluate": "evaluate", "annotate": "annotate",
-               "export": "export"}
-
-
-def _imports(module):
-    import ast
-
-    tree = ast.parse((SRC / f"{module}.py").read_text())
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(a.name for a in node.names)
-            elif node.module and node.module.startswith("ferflow."):
-                found.add(node.module.split(".")[1])
-            elif node.module == "ferflow":
-                found.update(a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ferflow."))
-    return {m for m in found if (SRC / f"{m}.py").exists()}
-
-
-def stage_modules(stage):
-    todo, seen = [STAGE_ENTRY[stage]], set()
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo.extend(_imports(m) - seen)
-    return sorted(seen)
+               "export": "export", "report": "report"}
 
 
 def code_version(stage):
-    h = hashlib.sha256()
-    for module in stage_modules(stage):
-        h.update(module.encode())
-        h.update((SRC / f"{module}.py").read_bytes())
-    return h.hexdigest()[:16]
+    """'<stage> code <hash>': the stage's modules without comments and docstrings (ferflow.codeversion)."""
+    return f"{stage} code {codeversion.code_version(SRC, STAGE_ENTRY[stage])}"
 
 
 def as_json(value):
@@ -151,6 +123,13 @@ def content_param(paths, whole=True):
     found = {p: fingerprint(p, whole) for p in sorted(set(map(str, paths)))
              if not is_demo_path(p) and os.path.isfile(p)}
     return f"{len(found)} files {hashlib.sha256(as_json(found).encode()).hexdigest()[:20]}"
+def keyed_params(prefix, keys, settings_of):
+    """One param per settings key, valued '<prefix>.<key>=<JSON value>' (settings_of(wildcards) gives
+    the settings dict), so that Snakemake's rerun reason ("Params have changed ... before: ... now:
+    ...") names only the keys that changed. The rule hands the whole settings to its stage as a
+    param that also takes `output`, which Snakemake leaves out of that comparison."""
+    return {f"{prefix}_{key}": (lambda wc, key=key: f"{prefix}.{key}={as_json(settings_of(wc).get(key))}")
+            for key in sorted(keys)}
 
 
 # ---- demo data ---------------------------------------------------------------------------
@@ -297,7 +276,7 @@ def faces_tars():
     return [f"{RESULTS}/faces/{name}/{unit}.tar" for name in SOURCES for unit in units(name)]
 
 
-def extract_settings():
+def extract_settings(wildcards=None, output=None):
     return as_json(config["extract"])
 
 
@@ -318,10 +297,18 @@ if len(VARIANTS) != len(config["variants"]):
     raise ValueError("config.yaml: two variants share a name")
 
 
-def variant_settings(name):
+def variant_settings_dict(name):
     settings = dict(config.get("training", {}))
     settings.update({k: v for k, v in VARIANTS[name].items() if k != "weight"})
-    return as_json(settings)
+    return settings
+
+
+def variant_settings(name):
+    return as_json(variant_settings_dict(name))
+
+
+def variant_setting_keys():
+    return set(config.get("training", {})).union(*VARIANTS.values()) - {"weight"}
 
 
 def variant_weights():
@@ -344,7 +331,7 @@ def test_faces_tables():
 
 
 def final_outputs():
-    outputs = [f"{RESULTS}/evaluation/metrics.json"]
+    outputs = [f"{RESULTS}/evaluation/metrics.json", f"{RESULTS}/report/summary.html"]
     if test_lists():
         outputs.append(f"{RESULTS}/submission/metrics.json")
     return outputs + annotate_outputs(annotate_demo_videos())

@@ -12,6 +12,7 @@ rule evaluate_ensemble:
         confusion=report(f"{RESULTS}/evaluation/confusion.png", caption="../report/confusion.rst", category="Evaluation"),
         f1=report(f"{RESULTS}/evaluation/f1_per_class.png", caption="../report/f1.rst", category="Evaluation"),
         va=report(f"{RESULTS}/evaluation/va_hist.png", caption="../report/va.rst", category="Evaluation"),
+        ensemble=f"{RESULTS}/evaluation/ensemble_{EVAL_SPLIT}.parquet",
     params:
         predictions=lambda wc, input: " ".join(
             shlex_quote(f"{name}={path}") for name, path in zip(VARIANTS, input.predictions)

@@ -18,8 +18,9 @@ rule extract_video_faces:
         mode=extract_mode,
         persons=person_args,
         content=lambda wc: content_param([video_path(wc)], whole=False),  # size + first and last MiB
-        settings=extract_settings(),
+        settings=extract_settings,
         code=code_version("extract"),
+        **keyed_params("extract", config["extract"], lambda wc: config["extract"]),
     log:
         "logs/extract_video_faces/{source}/{unit}.log",
     threads: 1
@@ -44,8 +45,9 @@ rule extract_image_faces:
         source=_alternatives(IMAGE_SOURCES),
         unit=r"chunk\d{3}",
     params:
-        settings=extract_settings(),
+        settings=extract_settings,
         code=code_version("extract"),
+        **keyed_params("extract", config["extract"], lambda wc: config["extract"]),
     log:
         "logs/extract_image_faces/{source}/{unit}.log",
     threads: 1

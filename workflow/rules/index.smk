@@ -9,11 +9,12 @@ rule index_source:
         manifest=f"{RESULTS}/manifest/{{source}}.parquet",
         issues=f"{RESULTS}/issues/{{source}}.parquet",
     params:
-        source=lambda wc: as_json(SOURCES[wc.source]),
+        source=lambda wc, output: as_json(SOURCES[wc.source]),
         on_unusable=config["on_unusable_input"],
         content=lambda wc: content_param(index_inputs(wc)),  # annotation files and test list, by content
         videos=lambda wc: content_param(index_videos(wc), whole=False),  # size + first and last MiB
         code=code_version("index"),
+        **keyed_params("source", set().union(*SOURCES.values()), lambda wc: SOURCES[wc.source]),
     log:
         "logs/index_source/{source}.log",
     threads: 1

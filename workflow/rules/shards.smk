@@ -10,9 +10,10 @@ rule write_shards:
         accounting=f"{RESULTS}/accounting.parquet",
         summary=f"{RESULTS}/accounting.txt",
     params:
-        samples_per_shard=config["shards"]["samples_per_shard"],
-        seed=config["shards"]["seed"],
+        samples_per_shard=lambda wc, output: config["shards"]["samples_per_shard"],
+        seed=lambda wc, output: config["shards"]["seed"],
         code=code_version("shards"),
+        **keyed_params("shards", config["shards"], lambda wc: config["shards"]),
     log:
         "logs/write_shards/write_shards.log",
     threads: 1

@@ -7,9 +7,10 @@ rule train_variant:
         history=f"{RESULTS}/models/{{variant}}/history.csv",
         curves=report(f"{RESULTS}/models/{{variant}}/curves.png", caption="../report/curves.rst", category="Training", subcategory="{variant}"),
     params:
-        settings=lambda wc: variant_settings(wc.variant),
+        settings=lambda wc, output: variant_settings(wc.variant),
         out=lambda wc: f"{RESULTS}/models/{wc.variant}",
         code=code_version("train"),
+        **keyed_params("training", variant_setting_keys(), lambda wc: variant_settings_dict(wc.variant)),
     log:
         "logs/train_variant/{variant}.log",
     threads: 4  # capped at --cores by Snakemake
