@@ -53,11 +53,11 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
 
 
 def run_rounds(sides: dict[str, Callable[[], float]], rounds: int, warmup: int = 0,
-               log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
+               log: Callable[[str], None] | None = print, first: int = 1) -> list[dict[str, float]]:
     """Run ``rounds`` rounds of the ``sides`` in palindromic order; per round, each side's seconds.
 
     ``warmup`` untimed calls of each side come first (first passes pay one-off set-up costs).
-    ``log``: called with one line per round (None: silent). Returns one ``{side: seconds}`` per
+    ``log``: called with one line per round (None: silent), rounds numbered from ``first``. Returns one ``{side: seconds}`` per
     round, the seconds being the sum of the side's two runs in that round.
     """
     if rounds < 1:
@@ -73,7 +73,7 @@ def run_rounds(sides: dict[str, Callable[[], float]], rounds: int, warmup: int =
             spent[name] += sides[name]()
         out.append(spent)
         if log:
-            log(f"  round {r + 1}: " + ", ".join(f"{n} {s:.3f} s" for n, s in spent.items()))
+            log(f"  round {first + r}: " + ", ".join(f"{n} {s:.3f} s" for n, s in spent.items()))
     return out
 
 
