@@ -25,7 +25,7 @@ glibc's ``malloc_trim`` runs between steps.
 
 Bench dependency (not a project dependency): pandas (``pip install pandas``).
 
-    python bench/evaluate.py                      # 5 variants, 1M frames (a few minutes on 2 cores)
+    python bench/evaluate.py                      # 5 variants, 500k frames (a few minutes on 2 cores)
     python bench/evaluate.py --frames 3000000     # Aff-Wild2's scale
     python bench/evaluate.py --frames 20000 --rounds 1   # smoke mode (tests)
 """
@@ -211,7 +211,7 @@ def measure(fn, *args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--frames", type=int, default=1_000_000, help="scored frames in all (default 1M)")
+    ap.add_argument("--frames", type=int, default=500_000, help="scored frames in all (default 500k)")
     ap.add_argument("--variants", type=int, default=5)
     ap.add_argument("--mean-video", type=int, default=5000, help="mean frames per video")
     ap.add_argument("--rounds", type=int, default=3, help="ABBA rounds (default 3)")

@@ -11,7 +11,7 @@ per-round ratios with its range; the load average is printed first).
    (``Model(max_size=detect_size)``), both on every one of ``--equal-frames`` frames, detection
    only: the same network, the same input size, the same frames, so the ratio measures the
    implementation (resize, normalisation and post-processing on the device, batching). A second
-   line times our detector at ``--compare-batch`` frames per pass (default 16) in the same rounds:
+   line times our detector at ``--compare-batch`` frames per pass (default 8) in the same rounds:
    what batching does on this device.
 2. **What the settings save (not an implementation speed-up)**: ``ferflow.extract.extract_video``
    end to end (decode, RetinaFace at ``detect_size`` on every ``detect_every``-th frame and where
@@ -35,9 +35,9 @@ so that the detection schedule and crops are those of a real face. With ``--weig
 pipeline uses RetinaFace's own boxes. With random weights the score threshold is set so that a few
 boxes per frame pass (printed); both sides use the same threshold.
 
-    python bench/extract.py              # 6 s video, a few minutes on 2 CPU cores
+    python bench/extract.py              # 3 s video, a few minutes on 2 idle CPU cores
     python bench/extract.py --quick      # smoke mode: 1 s video, 1 round, 2 frames (numbers mean little)
-    python bench/extract.py --device cuda --compare-batch 64
+    python bench/extract.py --device cuda --equal-frames 64 --compare-batch 64
 
 Bench dependencies (not pipeline dependencies): retinaface-pytorch 0.0.8 (``pip install --no-deps``)
 and albumentations (for ``predict_single``).
@@ -365,10 +365,10 @@ def batch_arg(text: str) -> int | str:
 def main(argv: list[str] | None = None) -> int:
     global DEVICE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=6.0, help="video length (default 6)")
-    p.add_argument("--rounds", type=int, default=5, help="ABBA rounds (default 5; part 2: at most 3)")
+    p.add_argument("--seconds", type=float, default=3.0, help="video length (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="ABBA rounds (default 5; part 2: at most 2)")
     p.add_argument("--equal-frames", type=int, default=8, help="frames per run of the equal-settings comparison")
-    p.add_argument("--baseline-frames", type=int, default=2, help="frames per run of predict_jsons(max_size=2048)")
+    p.add_argument("--baseline-frames", type=int, default=1, help="frames per run of predict_jsons(max_size=2048)")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode (tests): 0.5 s video, 1 round, 2 frames, detection at 160 px and the "
                         "'2048' baseline at 320 px; the numbers mean little")
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detect-size", type=int, default=640)
     p.add_argument("--baseline-size", type=int, default=2048, help="part 2's predict_jsons max_size (its default 2048)")
     p.add_argument("--detect-batch", type=batch_arg, default="auto", help="ours: frames per pass (default auto)")
-    p.add_argument("--compare-batch", type=int, default=16, help="part 1's second line: ours at this batch (0: off)")
+    p.add_argument("--compare-batch", type=int, default=8, help="part 1's second line: ours at this batch (0: off)")
     p.add_argument("--skip-settings", action="store_true", help="leave out part 2 (the slow 2048 baseline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_settings:
             haar = interpolation_accuracy(video, n, args)
             settings_saving(video, n, weights, probe, min_score, haar,
-                            argparse.Namespace(**{**vars(args), "rounds": min(args.rounds, 3)}))
+                            argparse.Namespace(**{**vars(args), "rounds": min(args.rounds, 2)}))
         log(f"total bench time {time.perf_counter() - t_start:.0f} s")
     return 0
 
