@@ -9,7 +9,7 @@ with its range; the load average is printed first):
   reused shared-memory slots), augmentation on (``--augment``, default the paper's flip + crop +
   color), no bootstrap; it borrows each batch's slot until the next batch, as the training loop does;
 - ``folder`` (the headline's baseline): one JPEG file per sample read by a map-style ``Dataset``,
-  **the same augmentation code** (``ferflow.data.build_transform``: OpenCV decode, the same crop,
+  **the same augmentation code** (``ferflow.augment.build_transform``: OpenCV decode, the same crop,
   flip and colour matrix), torch's default collate, a shuffling ``DataLoader`` with the same batch
   size and workers. Equal work per sample, so the ratio measures the loading design (shards and
   slots against files and collate);
@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _abba import load_line, ratio_line, ratios, run_rounds  # noqa: E402
 
 from ferflow import data, schemas  # noqa: E402
+from ferflow.augment import AFFINE, COLOR_JITTER, CROP_PADDING, ERASE, build_transform  # noqa: E402
 
 SIZE = 224
 
@@ -139,7 +140,7 @@ class FolderSameAugment(torch.utils.data.Dataset):
     def __init__(self, folder: Path, input_size: int, augment: list[str], seed: int = 1):
         self.files = sorted(folder.rglob("*.jpg"))
         self.labels = [int(f.parent.name.removeprefix("class")) for f in self.files]
-        self.transform = data.build_transform(input_size, augment)
+        self.transform = build_transform(input_size, augment)
         self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
@@ -165,20 +166,20 @@ def torchvision_transform(input_size: int, augment: list[str]):
 
     steps = [v2.Resize((input_size, input_size), antialias=True)]
     if "crop" in augment:
-        steps.append(v2.RandomCrop(input_size, padding=round(input_size * data.CROP_PADDING)))
+        steps.append(v2.RandomCrop(input_size, padding=round(input_size * CROP_PADDING)))
     if "flip" in augment:
         steps.append(v2.RandomHorizontalFlip(0.5))
     if "color" in augment:
-        cj = data.COLOR_JITTER
+        cj = COLOR_JITTER
         steps.append(v2.RandomApply([v2.ColorJitter(cj["brightness"], cj["contrast"], cj["saturation"], cj["hue"])],
                                     p=cj["p"]))
     if "affine" in augment:
-        a = data.AFFINE
+        a = AFFINE
         steps.append(v2.RandomApply([v2.RandomAffine(a["degrees"], translate=(a["translate"],) * 2, scale=a["scale"])],
                                     p=a["p"]))
     steps.append(v2.PILToTensor())
     if "erase" in augment:
-        steps.append(v2.RandomErasing(p=data.ERASE["p"], scale=data.ERASE["scale"], ratio=data.ERASE["ratio"], value=0))
+        steps.append(v2.RandomErasing(p=ERASE["p"], scale=ERASE["scale"], ratio=ERASE["ratio"], value=0))
     return v2.Compose(steps)
 
 
