@@ -192,12 +192,16 @@ def _decode_landmarks(pre: Tensor, pri: Tensor) -> Tensor:
 
 
 #: Frames per forward pass that ``batch_size="auto"`` picks, per device type. The CPU value is
-#: measured (``bench/extract.py``, equal settings against ``predict_jsons``, ABBA rounds on 2
-#: cores): at 640x360, batches of 16 frames ran at 0.71x the speed of ``predict_jsons``, one frame
-#: at a time at 1.18x (a ResNet-50 pass on one frame already keeps the cores busy; a batch only
-#: adds memory traffic). On a GPU one 640x360 frame leaves most of the device idle and
-#: each pass pays kernel launches and a host sync, so frames are batched; 16 is a default, not yet
-#: measured by this project (``bench/gpu_detect.py`` times 1, 16 and 64 when a GPU is lent).
+#: measured (``bench/extract.py``, equal settings against ``predict_jsons``, ABBA rounds, on the
+#: 2-core development machine): one frame per pass at 1.18x ``predict_jsons`` and 16 frames at
+#: 0.71x on an idle machine (issue 19); under load 16-19 with one torch thread (what a pipeline
+#: job gets: Snakemake sets OMP_NUM_THREADS to the rule's ``threads: 1``) one frame at 1.21x, 4
+#: frames at 1.02x. A pass on one frame already keeps the cores busy; a batch only adds memory
+#: traffic. (With more torch threads than free cores, batches win instead: threads waiting for
+#: each other at every layer cost more than the layer, and a batch has fewer layers per frame.)
+#: On a GPU one 640x360 frame leaves most of the device idle and each pass pays kernel launches
+#: and a host sync, so frames are batched; 16 is a default, not yet measured by this project
+#: (``bench/gpu_detect.py`` times 1, 16 and 64 when a GPU is lent).
 AUTO_BATCH = {"cpu": 1, "cuda": 16, "mps": 1}
 
 
