@@ -97,6 +97,9 @@ def make_data(frames: int, variants: int, mean_video: int, seed: int = 0):
         "status": status,
         "reason": reason,
         "key": pl.Series([None] * total, dtype=pl.String),
+        # per-task label fates (ACCOUNTING); the ensemble step does not read them
+        "expr_fate": pl.Series([None] * total, dtype=pl.String),
+        "va_fate": pl.Series([None] * total, dtype=pl.String),
     })
     acc = schemas.conform(acc, schemas.ACCOUNTING, "bench")
     faces = acc.filter(pl.col("status") == "written")
