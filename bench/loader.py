@@ -1,26 +1,34 @@
-"""Benchmark of the training loader (``ferflow.data.make_loader``) against a folder-of-JPEGs loader
+"""Benchmark of the training loader (``ferflow.data.make_loader``) against folder-of-JPEGs loaders
 and against plain JPEG decoding, on the same 224x224 JPEGs and with the same worker count.
 
-Three measurements, in one run, on the same images:
+The sides, timed in alternating rounds (``bench/_abba.py``: the order ferflow, folder,
+torchvision, decode, decode, torchvision, folder, ferflow; the median of the per-round ratios
+with its range; the load average is printed first):
 
-- ``ferflow``: our training stream (WebDataset shards -> decode -> augmentations -> uint8 batches),
-  augmentation on (``--augment``, default the paper's flip + crop + color), no bootstrap;
-- ``folder``: what one would write with torchvision: ``ImageFolder`` over one JPEG file per sample,
-  PIL decoding, the same augmentations as v2 transforms on the PIL image, ``PILToTensor`` (uint8),
-  a shuffling ``DataLoader`` with the same batch size and workers;
+- ``ferflow``: our training stream (WebDataset shards -> decode -> augmentations -> uint8 batches in
+  reused shared-memory slots), augmentation on (``--augment``, default the paper's flip + crop +
+  color), no bootstrap; it borrows each batch's slot until the next batch, as the training loop does;
+- ``folder`` (the headline's baseline): one JPEG file per sample read by a map-style ``Dataset``,
+  **the same augmentation code** (``ferflow.augment.build_transform``: OpenCV decode, the same crop,
+  flip and colour matrix), torch's default collate, a shuffling ``DataLoader`` with the same batch
+  size and workers. Equal work per sample, so the ratio measures the loading design (shards and
+  slots against files and collate);
+- ``torchvision``: what one writes with torchvision's standard transforms: ``ImageFolder`` (PIL
+  decoding) and DAN's v2 transforms for the same augmentations (``RandomCrop(size, padding)``,
+  ``RandomHorizontalFlip``, ``RandomApply([ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8)``, whose hue
+  step goes through HSV), ``PILToTensor``; the second line;
 - ``decode``: the limit: the same JPEG bytes, already in memory, only decoded (no augmentation, no
   batching), by the same number of processes, with the fastest decoder at hand (torchvision's
-  libjpeg-turbo ``decode_jpeg``, OpenCV and PIL are tried; the best is the limit).
+  libjpeg-turbo ``decode_jpeg``, OpenCV and PIL are timed once on a few hundred images before the
+  rounds; the fastest is the limit).
 
-Throughput is samples per second from the first batch to the last (worker start-up excluded). The
-loaders run one after the other in each of ``--repeats`` rounds; ratios are taken within a round
-(back to back, so that the load of a shared machine changing between rounds does not count) and
-the median over rounds is reported; the limit is the decoder with the best median. The goal:
-``ferflow`` at least as fast as ``folder`` and at least 0.7x ``decode``. ``ferflow`` borrows each
-batch's slot until the next batch, as the training and inference loops do (``borrow=True``).
+Each side's time is for the same samples: from the first batch to the last (worker start-up
+excluded), scaled to all ``--n`` samples. Goals: ``ferflow`` at least as fast as ``folder`` and at
+least 0.7x ``decode``.
 
-    python bench/loader.py                          # 4000 images, 2 workers
-    python bench/loader.py --n 20000 --workers 8     # a machine with more cores
+    python bench/loader.py                           # 2000 images, 2 workers, 5 rounds
+    python bench/loader.py --n 20000 --workers 8      # a machine with more cores
+    python bench/loader.py --n 256 --rounds 1         # smoke mode (tests)
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
+import random
 import sys
 import tempfile
 import time
@@ -41,7 +49,11 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _abba import load_line, ratio_line, ratios, run_rounds  # noqa: E402
+
 from ferflow import data, schemas  # noqa: E402
+from ferflow.augment import AFFINE, COLOR_JITTER, CROP_PADDING, ERASE, build_transform  # noqa: E402
 
 SIZE = 224
 
@@ -100,55 +112,84 @@ def make_data(root: Path, n: int, per_shard: int, seed: int = 0) -> list[bytes]:
 # the three measurements
 
 
-def throughput(batches) -> tuple[float, int]:
-    """Samples/s from the first batch to the last (start-up excluded), and the samples seen."""
+def seconds_for_all(batches, n_expected: int) -> float:
+    """Seconds from the first batch to the last, scaled to ``n_expected`` samples (start-up excluded);
+    checks that every sample came."""
     it = iter(batches)
     first = next(it)
+    size = (lambda b: len(b[0]) if isinstance(b, (list, tuple)) else len(b["key"]))
     t0 = time.perf_counter()
     n = 0
     for b in it:
-        n += len(b[0]) if isinstance(b, (list, tuple)) else len(b["key"])
+        n += size(b)
     dt = time.perf_counter() - t0
-    return n / dt, n + (len(first[0]) if isinstance(first, (list, tuple)) else len(first["key"]))
+    assert n + size(first) == n_expected, (n + size(first), n_expected)
+    return dt / max(n, 1) * n_expected
 
 
 def ours(root: Path, args) -> float:
     loader, _ = data.make_loader(root / "shards", "train", batch_size=args.batch_size, input_size=args.input_size,
                                  train=True, augment=args.augment, seed=1, bootstrap=False, workers=args.workers,
                                  borrow=True)  # as the training loop reads it
-    rate, n = throughput(loader)
-    assert n == args.n, (n, args.n)
-    return rate
+    return seconds_for_all(loader, args.n)
 
 
-def folder_transform(input_size: int, augment: list[str]):
-    from torchvision.transforms import v2
+class FolderSameAugment(torch.utils.data.Dataset):
+    """One JPEG file per sample, ferflow's own per-sample transform (same decoder, same augmentations)."""
 
-    steps = [v2.Resize((input_size, input_size), antialias=True)]
-    if "crop" in augment:
-        steps.append(v2.RandomResizedCrop(input_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True))
-    if "flip" in augment:
-        steps.append(v2.RandomHorizontalFlip(0.5))
-    if "color" in augment:
-        steps.append(v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8))
-    if "affine" in augment:
-        steps.append(v2.RandomApply([v2.RandomAffine(20, translate=(0.2, 0.2), scale=(0.8, 1.0))], p=0.7))
-    steps.append(v2.PILToTensor())
-    if "erase" in augment:
-        steps.append(v2.RandomErasing(p=0.5, scale=(0.02, 0.25), value=0))
-    return v2.Compose(steps)
+    def __init__(self, folder: Path, input_size: int, augment: list[str], seed: int = 1):
+        self.files = sorted(folder.rglob("*.jpg"))
+        self.labels = [int(f.parent.name.removeprefix("class")) for f in self.files]
+        self.transform = build_transform(input_size, augment)
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        rng = random.Random(hash((self.seed, self.epoch, i)))
+        img = self.transform(self.files[i].read_bytes(), rng)  # RGB HWC uint8
+        return torch.from_numpy(img).permute(2, 0, 1), self.labels[i]
 
 
 def folder(root: Path, args) -> float:
     from torch.utils.data import DataLoader
+
+    ds = FolderSameAugment(root / "folder", args.input_size, args.augment)
+    kw = {"prefetch_factor": 4} if args.workers else {}
+    return seconds_for_all(DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, **kw), args.n)
+
+
+def torchvision_transform(input_size: int, augment: list[str]):
+    """DAN's torchvision transforms for ``augment`` (v2 on the PIL image, uint8 out)."""
+    from torchvision.transforms import v2
+
+    steps = [v2.Resize((input_size, input_size), antialias=True)]
+    if "crop" in augment:
+        steps.append(v2.RandomCrop(input_size, padding=round(input_size * CROP_PADDING)))
+    if "flip" in augment:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    if "color" in augment:
+        cj = COLOR_JITTER
+        steps.append(v2.RandomApply([v2.ColorJitter(cj["brightness"], cj["contrast"], cj["saturation"], cj["hue"])],
+                                    p=cj["p"]))
+    if "affine" in augment:
+        a = AFFINE
+        steps.append(v2.RandomApply([v2.RandomAffine(a["degrees"], translate=(a["translate"],) * 2, scale=a["scale"])],
+                                    p=a["p"]))
+    steps.append(v2.PILToTensor())
+    if "erase" in augment:
+        steps.append(v2.RandomErasing(p=ERASE["p"], scale=ERASE["scale"], ratio=ERASE["ratio"], value=0))
+    return v2.Compose(steps)
+
+
+def torchvision_folder(root: Path, args) -> float:
+    from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(str(root / "folder"), transform=folder_transform(args.input_size, args.augment))
+    ds = ImageFolder(str(root / "folder"), transform=torchvision_transform(args.input_size, args.augment))
     kw = {"prefetch_factor": 4} if args.workers else {}
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, **kw)
-    rate, n = throughput(loader)
-    assert n == args.n
-    return rate
+    return seconds_for_all(DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, **kw), args.n)
 
 
 def _decode_share(job) -> tuple[float, float]:
@@ -187,7 +228,7 @@ DECODERS = {"torchvision": _tv, "opencv": _cv, "pil": _pil}
 
 
 def decode(jpegs: list[bytes], workers: int, decoder: str) -> float:
-    """Samples/s of ``workers`` processes (1 when 0) each decoding its share of ``jpegs``."""
+    """Seconds for ``workers`` processes (1 when 0) each decoding its share of ``jpegs``."""
     procs = max(1, workers)
     shares = [(jpegs[i::procs], decoder) for i in range(procs)]
     if procs == 1:
@@ -195,54 +236,53 @@ def decode(jpegs: list[bytes], workers: int, decoder: str) -> float:
     else:
         with mp.get_context("fork").Pool(procs) as pool:
             spans = pool.map(_decode_share, shares)
-    t0 = min(s for s, _ in spans)
-    t1 = max(e for _, e in spans)
-    return len(jpegs) / (t1 - t0)
+    return max(e for _, e in spans) - min(s for s, _ in spans)
+
+
+def fastest_decoder(jpegs: list[bytes]) -> tuple[str, dict[str, float]]:
+    """The decoder with the most images/s on (up to) 300 images, one process, best of 3 (untimed elsewhere)."""
+    sample = jpegs[:300]
+    rates = {d: len(sample) / min(decode(sample, 1, d) for _ in range(3)) for d in DECODERS}
+    return max(rates, key=rates.get), rates
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n", type=int, default=4000, help="images (default 4000)")
+    p.add_argument("--n", type=int, default=2000, help="images (default 2000)")
     p.add_argument("--workers", type=int, default=2, help="loader workers = decoding processes (default 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--input-size", type=int, default=SIZE, help="model input side (default 224: no resize)")
     p.add_argument("--augment", nargs="*", default=["flip", "crop", "color"],
                    help="augmentations (default: the paper's flip crop color)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (the config default)")
-    p.add_argument("--repeats", type=int, default=5, help="rounds (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="ABBA rounds (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1)")
     p.add_argument("--dir", help="folder for the data (default: a temporary one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(load_line(), flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         t = time.perf_counter()
         jpegs = make_data(root, args.n, args.per_shard)
         mean_kb = sum(map(len, jpegs)) / len(jpegs) / 1024
+        best, rates = fastest_decoder(jpegs)
         print(f"{args.n} JPEGs {SIZE}x{SIZE} ({mean_kb:.1f} kB mean) written in {time.perf_counter() - t:.1f} s; "
-              f"workers {args.workers}, batch {args.batch_size}, input {args.input_size}, augment {args.augment}, "
-              f"{os.cpu_count()} CPUs")
-        rates: dict[str, list[float]] = {"ferflow": [], "folder": [], **{f"decode[{d}]": [] for d in DECODERS}}
-        for r in range(args.repeats):
-            for name, fn in (("ferflow", lambda: ours(root, args)), ("folder", lambda: folder(root, args)),
-                             *((f"decode[{d}]", (lambda d=d: decode(jpegs, args.workers, d))) for d in DECODERS)):
-                rates[name].append(fn())
-                print(f"  round {r + 1}: {name:20s} {rates[name][-1]:9.0f} samples/s", flush=True)
-    # The limit is the decoder with the best median; each round's ratios use that round's numbers
-    # (measured back to back), so that a load change on a shared machine between rounds does not
-    # count, and the median over rounds is reported. (Taking each round's best of the three
-    # decoders instead would pick the luckiest of three noisy numbers: a limit biased upwards.)
-    fastest = max(DECODERS, key=lambda d: statistics.median(rates[f"decode[{d}]"]))
-    limits = rates[f"decode[{fastest}]"]
-    r_limit = statistics.median(o / lim for o, lim in zip(rates["ferflow"], limits))
-    r_folder = statistics.median(o / f for o, f in zip(rates["ferflow"], rates["folder"]))
-    print(f"\nsamples/s, median of {args.repeats} rounds (ratio to the round's decode limit):")
-    for name, values in rates.items():
-        ratio = statistics.median(v / lim for v, lim in zip(values, limits))
-        print(f"  {name:20s} {statistics.median(values):9.0f}   {ratio:5.2f}x decode limit")
-    print(f"\nferflow / folder loader: {r_folder:.2f}x (goal >= 1.0)   "
-          f"ferflow / decode limit ({fastest}, the fastest decoder): {r_limit:.2f}x (goal >= 0.7)")
-    return 0 if r_folder >= 1.0 and r_limit >= 0.7 else 1
+              f"workers {args.workers}, batch {args.batch_size}, input {args.input_size}, augment {args.augment}; "
+              f"decoders, images/s on one process: "
+              + ", ".join(f"{d} {r:.0f}" for d, r in rates.items()) + f" -> limit: {best}", flush=True)
+        sides = {"ferflow": lambda: ours(root, args), "folder": lambda: folder(root, args),
+                 "torchvision": lambda: torchvision_folder(root, args),
+                 "decode": lambda: decode(jpegs, args.workers, best)}
+        print(f"seconds for the {args.n} samples, per round (two runs each):", flush=True)
+        per_round = run_rounds(sides, args.rounds)
+    r_folder = ratios(per_round, "folder", "ferflow")
+    r_limit = ratios(per_round, "decode", "ferflow")
+    print(ratio_line("RATIO ferflow / folder loader with the same augmentations (samples/s)", r_folder,
+                     goal="goal >= 1.0"))
+    print(ratio_line("      ferflow / torchvision ImageFolder + DAN's standard transforms", ratios(per_round, "torchvision", "ferflow")))
+    print(ratio_line(f"      ferflow / decode limit ({best}, decoding only)", r_limit, goal="goal >= 0.7"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,17 +10,21 @@ machine load:
   cross-entropy + MSE, the same optimiser (``train.make_optimizer``) and clipping, and the same
   uint8 -> normalised input.
 
-Timing runs in ``--rounds`` rounds of four steps, DAN, plain, plain, DAN (ABBA, after ``--warmup``
-steps each), so that a load change during a round weighs on both; each round gives one cost ratio
-(DAN seconds / plain seconds). Reported: median images/s per model, the median ratio over rounds
-with its range (goal <= 1.25), and the median peak memory of a step, measured in separate,
-untimed steps: the peak resident
+Timing runs in ``--rounds`` rounds of four steps, DAN, plain, plain, DAN (``bench/_abba.py``,
+after ``--warmup`` steps each), so that a load change during a round weighs on both; each round
+gives one cost ratio (DAN seconds / plain seconds). DAN does more arithmetic than the plain model
+(its attention heads and fusion): its forward + backward FLOPs over the plain model's, counted once
+with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matrix products; the optimiser
+step is not counted), is the floor of the time ratio. The headline is the time ratio divided by
+the FLOP ratio (goal <= 1.05: DAN's implementation costs no more than 5% beyond its arithmetic).
+Also reported: images/s per model (median over rounds), and the median peak memory of a step,
+measured in separate, untimed steps: the peak resident
 set size (sampled every 1 ms by a thread) above its size when the step started (activations,
 gradients and temporaries; the weights and optimiser state are already resident). glibc's
 ``malloc_trim`` runs between steps so that freed memory does not hide the next peak.
 
     python bench/train_step.py                  # full: resnet18/50 x 112/224, batch 32
-    python bench/train_step.py --quick          # resnet18 at 112 only, batch 16, few repeats
+    python bench/train_step.py --quick          # smoke mode (tests): resnet18 at 112, batch 4, 1 round
     python bench/train_step.py --threads 1 --batch-size 16 --backbones resnet50 --sizes 112
 """
 
@@ -42,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ferflow import train  # noqa: E402
 from ferflow.labels import NUM_EXPRESSIONS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _abba import load_line, ratio_line, run_rounds, summary, timed  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
@@ -99,15 +106,18 @@ def dan_step_fn(backbone: str, batch: dict):
     params = [p for g in optimizer.param_groups for p in g["params"]]
     model.train()
 
-    def step():
+    def loss_backward():
         out = model(batch["image"])
         loss, _ = criterion(out, batch["expr"], batch["va"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step():
+        loss_backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), loss_backward
 
 
 def plain_step_fn(backbone: str, batch: dict):
@@ -116,16 +126,19 @@ def plain_step_fn(backbone: str, batch: dict):
     optimizer = train.make_optimizer(params, train.DEFAULTS)
     model.train()
 
-    def step():
+    def loss_backward():
         out = model(batch["image"])
         loss = F.cross_entropy(out[:, :NUM_EXPRESSIONS], batch["expr"]) + F.mse_loss(
             torch.tanh(out[:, NUM_EXPRESSIONS:]), batch["va"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step():
+        loss_backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    return step, sum(p.numel() for p in params)
+    return step, sum(p.numel() for p in params), loss_backward
 
 
 def bench(backbone: str, size: int, batch_size: int, warmup: int, rounds: int) -> dict:
@@ -137,70 +150,73 @@ def bench(backbone: str, size: int, batch_size: int, warmup: int, rounds: int) -
     }
     torch.manual_seed(0)
     steps = {"dan": dan_step_fn(backbone, batch), "plain": plain_step_fn(backbone, batch)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    mems: dict[str, list[int]] = {k: [] for k in steps}
-    ratios = []
-    for _ in range(warmup):
-        for fn, _ in steps.values():
-            fn()
-    # Timing: rounds of four steps in the order DAN, plain, plain, DAN (ABBA: a load that rises
-    # or falls during the round weighs on both alike); each round gives one ratio, and the median
-    # over rounds is reported. Steps run as in training: no memory probe (below) while timed.
-    for _ in range(rounds):
-        spent = {"dan": 0.0, "plain": 0.0}
-        for name in ("dan", "plain", "plain", "dan"):
-            t = time.perf_counter()
-            steps[name][0]()
-            dt = time.perf_counter() - t
-            times[name].append(dt)
-            spent[name] += dt
-        ratios.append(spent["dan"] / spent["plain"])
+    flops = {name: count_flops(fwd_bwd) for name, (_, _, fwd_bwd) in steps.items()}
+    # Timing: ABBA rounds of single steps (DAN, plain, plain, DAN), after the warm-up; the steps run
+    # as in training: no memory probe (below) while timed.
+    per_round = run_rounds({name: timed(fn) for name, (fn, _, _) in steps.items()}, rounds, warmup=warmup, log=None)
+    ratios = [r["dan"] / r["plain"] for r in per_round]  # DAN cost / plain cost
     # Memory, in separate steps: the probe trims the heap before a step (so that the step's peak
     # shows) and samples it from a thread, neither of which a real training loop does.
+    mems: dict[str, list[int]] = {k: [] for k in steps}
     for _ in range(max(1, rounds // 3)):
-        for name, (fn, _) in steps.items():
+        for name, (fn, _, _) in steps.items():
             with PeakRSS() as mem:
                 fn()
             mems[name].append(mem.delta)
-    result = {"backbone": backbone, "size": size}
-    for name, (_, n_params) in steps.items():
-        result[f"{name}_img_s"] = batch_size / statistics.median(times[name])
+    result = {"backbone": backbone, "size": size, "flop_ratio": flops["dan"] / flops["plain"]}
+    for name, (_, n_params, _) in steps.items():
+        result[f"{name}_img_s"] = 2 * batch_size / statistics.median(r[name] for r in per_round)
         result[f"{name}_mem_mb"] = statistics.median(mems[name]) / 2**20
         result[f"{name}_params_m"] = n_params / 1e6
-    result["ratio"] = statistics.median(ratios)  # DAN cost / plain cost
-    result["ratio_lo"], result["ratio_hi"] = min(ratios), max(ratios)
+        result[f"{name}_gflop"] = flops[name] / 1e9
+    result["ratios"] = ratios
+    result["per_flop"] = [r / result["flop_ratio"] for r in ratios]
     return result
+
+
+def count_flops(fwd_bwd) -> int:
+    """FLOPs of one forward + loss + backward (``FlopCounterMode``: convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fwd_bwd()
+    return counter.get_total_flops()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[112, 224])
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=9, help="ABBA rounds (default 9)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[112])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5, help="ABBA rounds (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="resnet18 at 112, batch 16, 1 warmup, 3 rounds")
+    p.add_argument("--quick", action="store_true", help="smoke mode: resnet18 at 112, batch 4, 1 warm-up, 1 round")
     args = p.parse_args(argv)
     if args.quick:
-        args.backbones, args.sizes, args.batch_size, args.warmup, args.rounds = ["resnet18"], [112], 16, 1, 3
+        args.backbones, args.sizes, args.batch_size, args.warmup, args.rounds = ["resnet18"], [112], 4, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(load_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.rounds} ABBA rounds after {args.warmup} warm-up steps; DAN: 4 heads, task both")
-    header = (f"{'backbone':<9} {'input':>5} | {'DAN img/s':>9} {'plain img/s':>11} {'ratio':>6} {'range':>11} "
-              f"{'goal':>5} | "
-              f"{'DAN MB':>7} {'plain MB':>8} | {'DAN Mpar':>8} {'plain Mpar':>10}")
+    header = (f"{'backbone':<9} {'input':>5} | {'DAN img/s':>9} {'plain img/s':>11} | {'time ratio':>10} {'range':>9} | "
+              f"{'GFLOP DAN':>9} {'plain':>6} {'ratio':>6} | {'DAN MB':>7} {'plain MB':>8} | {'DAN Mpar':>8} {'plain Mpar':>10}")
     print(header)
     print("-" * len(header))
+    headlines = []
     for backbone in args.backbones:
         for size in args.sizes:
             r = bench(backbone, size, args.batch_size, args.warmup, args.rounds)
-            ok = "ok" if r["ratio"] <= 1.25 else "OVER"
-            spread = f"{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}"
-            print(f"{backbone:<9} {size:>5} | {r['dan_img_s']:>9.1f} {r['plain_img_s']:>11.1f} {r['ratio']:>6.2f} "
-                  f"{spread:>11} {ok:>5} | {r['dan_mem_mb']:>7.0f} {r['plain_mem_mb']:>8.0f} | {r['dan_params_m']:>8.1f} "
-                  f"{r['plain_params_m']:>10.1f}", flush=True)
+            med, lo, hi = summary(r["ratios"])
+            print(f"{backbone:<9} {size:>5} | {r['dan_img_s']:>9.1f} {r['plain_img_s']:>11.1f} | {med:>10.2f} "
+                  f"{f'{lo:.2f}-{hi:.2f}':>9} | {r['dan_gflop']:>9.1f} {r['plain_gflop']:>6.1f} {r['flop_ratio']:>6.3f} | "
+                  f"{r['dan_mem_mb']:>7.0f} {r['plain_mem_mb']:>8.0f} | {r['dan_params_m']:>8.1f} {r['plain_params_m']:>10.1f}",
+                  flush=True)
+            headlines.append((f"RATIO {backbone} {size}px: (DAN / plain step time) / (DAN / plain FLOPs, "
+                              f"{r['flop_ratio']:.3f})", r["per_flop"]))
+    for label, values in headlines:
+        print(ratio_line(label, values, goal="goal <= 1.05"))
     return 0
 
 

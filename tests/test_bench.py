@@ -35,3 +35,107 @@ def test_gpu_check_script_runs_end_to_end_in_cpu_smoke_mode():
     # part 3: batched RetinaFace at each batch size
     assert "CPU smoke test" in out
     assert "part 3 failed" not in out
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmarks' shared timing (bench/_abba.py) and each bench's smoke mode
+
+sys.path.insert(0, str(REPO / "bench"))
+import _abba  # noqa: E402
+
+RATIO = re.compile(r"^(RATIO|[ ]+)(.*?): ([0-9.]+)x \(range ([0-9.]+)-([0-9.]+), median of (\d+) rounds\)", re.MULTILINE)
+
+
+def test_rounds_run_the_sides_in_palindromic_order_and_give_one_ratio_per_round():
+    calls = []
+    costs = {"a": iter([1.0, 3.0, 2.0, 2.0, 5.0, 1.0]), "b": iter([2.0, 2.0, 4.0, 4.0, 1.0, 1.0])}
+
+    def side(name):
+        def run():
+            calls.append(name)
+            return next(costs[name])
+        return run
+
+    lines = []
+    per_round = _abba.run_rounds({"a": side("a"), "b": side("b")}, 3, log=lines.append)
+    assert calls == ["a", "b", "b", "a"] * 3
+    # each side's cost in a round is the sum of its two runs
+    assert per_round == [{"a": 4.0, "b": 4.0}, {"a": 4.0, "b": 8.0}, {"a": 6.0, "b": 2.0}]
+    assert _abba.ratios(per_round, "b", "a") == [1.0, 2.0, 2.0 / 6.0]
+    assert _abba.summary([1.0, 2.0, 1 / 3]) == (1.0, 1 / 3, 2.0)
+    assert len(lines) == 3 and lines[1].startswith("  round 2: a 4.000 s, b 8.000 s")
+    m = RATIO.search(_abba.ratio_line("RATIO x", [1.0, 2.0, 1 / 3], goal="goal >= 1"))
+    assert m and m.group(3, 4, 5, 6) == ("1.00", "0.33", "2.00", "3") and "[goal >= 1]" in m.string
+
+
+def test_three_sides_and_warmup():
+    calls = []
+    sides = {k: (lambda k=k: calls.append(k) or 1.0) for k in "abc"}
+    _abba.run_rounds(sides, 1, warmup=1, log=None)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a"]
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        _abba.run_rounds(sides, 0)
+
+
+def test_load_line_gives_the_load_average_and_cpus():
+    line = _abba.load_line()
+    one = os.getloadavg()[0]
+    m = re.match(r"load average ([0-9.]+) ([0-9.]+) ([0-9.]+) \(1, 5, 15 min\) on (\d+) CPUs", line)
+    assert m and int(m.group(4)) == os.cpu_count() and abs(float(m.group(1)) - one) < 5
+
+
+def run_bench(script: str, *args: str) -> tuple[str, dict[str, tuple[float, float, float, int]]]:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert proc.stdout.startswith("load average "), out[:500]
+    ratios = {}
+    for m in RATIO.finditer(proc.stdout):
+        med, lo, hi, n = float(m.group(3)), float(m.group(4)), float(m.group(5)), int(m.group(6))
+        assert 0 < lo <= med <= hi, m.group(0)
+        ratios[m.group(2).strip()] = (med, lo, hi, n)
+    return proc.stdout, ratios
+
+
+def test_evaluate_bench_smoke_mode():
+    out, ratios = run_bench("evaluate.py", "--frames", "20000", "--variants", "2", "--rounds", "2")
+    assert "results agree" in out
+    assert [k.split(" (")[0] for k in ratios] == ["ours / polars", "ours / pandas"]
+    assert all(n == 2 for *_, n in ratios.values())
+    assert re.search(r"round 2: ours [0-9.]+ s, polars [0-9.]+ s, pandas [0-9.]+ s", out)
+
+
+@pytest.mark.slow
+def test_dag_bench_smoke_mode():
+    out, ratios = run_bench("dag.py", "--videos", "12", "--variants", "1", "--rounds", "1")
+    assert re.search(r"ferflow [0-9.]+ s \(\d+ jobs\)", out)
+    assert list(ratios) == ["ferflow dry run / empty workflow's, time"]
+
+
+@pytest.mark.slow
+def test_train_step_bench_smoke_mode():
+    out, ratios = run_bench("train_step.py", "--quick")
+    (label, (med, *_)), = ratios.items()
+    flop_ratio = float(re.search(r"FLOPs, ([0-9.]+)\)", label).group(1))
+    assert 1.0 < flop_ratio < 2.0  # DAN does more arithmetic than the plain ResNet-18, not twice as much
+    time_ratio = float(re.search(r"^resnet18\s+112 \|.*?\|\s+([0-9.]+) ", out, re.MULTILINE).group(1))
+    assert abs(med - time_ratio / flop_ratio) < 0.02  # the headline is the time ratio over the FLOP ratio
+
+
+@pytest.mark.slow
+def test_loader_bench_smoke_mode():
+    out, ratios = run_bench("loader.py", "--n", "192", "--batch-size", "32", "--rounds", "1")
+    assert [k.split(" (")[0].split(" with")[0] for k in ratios] == [
+        "ferflow / folder loader", "ferflow / torchvision ImageFolder + DAN's standard transforms", "ferflow / decode limit"]
+
+
+@pytest.mark.slow
+def test_extract_bench_smoke_mode():
+    out, ratios = run_bench("extract.py", "--quick")
+    labels = list(ratios)
+    assert labels[0].startswith("equal settings (ours, batch 1 / predict_jsons(max_size=160)")  # auto: 1 on a CPU
+    assert labels[1].startswith("same rounds, ours at batch 2")
+    assert labels[2].startswith("settings, not implementation")
+    assert "mean IoU of detect_every=5 boxes" in out

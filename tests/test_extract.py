@@ -79,7 +79,7 @@ def video(tmp_path):
 
 def run(video, tmp_path, persons, **kw):
     det = FakeDetector()
-    table = extract.extract_video(video, persons, ExtractSettings(detector="haar", batch_size=8, **kw), det,
+    table = extract.extract_video(video, persons, ExtractSettings(detector="haar", detect_batch=8, **kw), det,
                                   str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
     return table, det
 
@@ -180,6 +180,23 @@ def test_settings_keys_and_defaults_match_the_config_schema():
     assert {k: v.get("default") for k, v in props.items()} == {k: getattr(defaults, k) for k in props}
     with pytest.raises(ValueError, match="detect_every"):
         ExtractSettings.from_json('{"detect_every": 0}')
+
+
+def test_detect_batch_is_auto_or_a_positive_integer_in_settings_and_schema():
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    prop = schema["properties"]["extract"]["properties"]["detect_batch"]
+    for good in ("auto", 1, 16):
+        jsonschema.validate(good, prop)
+        assert ExtractSettings.from_json(json.dumps({"detect_batch": good})).detect_batch == good
+    for bad in (0, -3, "big", 2.5):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, prop)
+    for bad in (0, -3, "big", True):
+        with pytest.raises(ValueError, match="detect_batch must be 'auto' or an integer >= 1"):
+            ExtractSettings.from_json(json.dumps({"detect_batch": bad}))
 
 
 def test_table_has_landmarks_crop_kind_and_settings(video, tmp_path):

@@ -155,7 +155,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_make_detector_and_settings():
-    det = extract.make_detector(ExtractSettings(detector="mtcnn", detect_size=320, min_score=0.9, batch_size=4), "cpu")
+    det = extract.make_detector(ExtractSettings(detector="mtcnn", detect_size=320, min_score=0.9, detect_batch=4), "cpu")
     assert isinstance(det, MTCNNDetector)
     described = det.settings()
     json.dumps(described)

@@ -197,6 +197,20 @@ def test_batch_equals_one_at_a_time(weights, frames, batched):
         assert diff[:, :4].max() < 1e-2 and diff[:, 4].max() < 1e-4 and diff[:, 5:].max() < 1e-2
 
 
+def test_auto_batch_size_is_one_on_cpu_and_batches_on_cuda(weights):
+    from ferflow.retinaface import AUTO_BATCH, auto_batch_size
+
+    # the rule measured by bench/extract.py: one frame per pass on a CPU; frames batched on a GPU
+    assert auto_batch_size("cpu") == 1 and auto_batch_size(torch.device("cpu")) == 1
+    assert auto_batch_size("cuda:1") == AUTO_BATCH["cuda"] > 1
+    assert RetinaFaceDetector(str(weights), detect_size=DETECT, device="cpu").batch_size == 1
+    assert RetinaFaceDetector(str(weights), detect_size=DETECT, device="cpu", batch_size="auto").batch_size == 1
+    assert RetinaFaceDetector(str(weights), detect_size=DETECT, device="cpu", batch_size=8).batch_size == 8
+    for bad in (0, "many"):
+        with pytest.raises(ValueError, match="batch_size must be 'auto' or at least 1"):
+            RetinaFaceDetector(str(weights), detect_size=DETECT, device="cpu", batch_size=bad)
+
+
 def test_output_contract(weights, detector, frames, batched):
     as_protocol: Detector = detector  # noqa: F841 (static check)
     assert detector.name == "retinaface"
@@ -291,7 +305,7 @@ def test_extract_cli_with_retinaface(weights, tmp_path, monkeypatch):
         vw.write(np.roll(frame, i, axis=1))
     vw.release()
     settings = {"detector": "retinaface", "retinaface_weights": str(weights), "detect_size": 64,
-                "min_score": 0.6, "detect_every": 4, "batch_size": 4, "align": True, "device": "auto"}
+                "min_score": 0.6, "detect_every": 4, "detect_batch": 4, "align": True, "device": "auto"}
     assert extract.main(["video", "--video", str(video), "--person", "v", "--settings", json.dumps(settings),
                          "--out-tar", str(tmp_path / "v.tar"), "--out-table", str(tmp_path / "v.parquet")]) == 0
     t = read_table(tmp_path / "v.parquet", FACES_FULL)

@@ -69,7 +69,7 @@ class ExtractSettings:
     jpeg_quality: int = 90
     detect_every: int = 5  # detect on every k-th frame (and the last), interpolate between
     max_jump_iou: float = 0.3  # two detections of a track overlapping less than this: re-detect between
-    batch_size: int = 16
+    detect_batch: int | str = "auto"  # frames per detector call; auto: 1 on a CPU, 16 on a GPU (retinaface.AUTO_BATCH)
     min_track_frames: int = 3  # shortest track of a face that is kept, in frames (one-off false detections are not)
     min_track_seconds: float | None = None  # the same in seconds at the video's frame rate; replaces min_track_frames
     align: bool = False  # 5-point alignment from the landmarks (square crop without landmarks)
@@ -89,6 +89,9 @@ class ExtractSettings:
             raise ValueError(f"min_track_frames must be >= 1, got {settings.min_track_frames}")
         if settings.min_track_seconds is not None and not float(settings.min_track_seconds) > 0:
             raise ValueError(f"min_track_seconds must be > 0 (or null), got {settings.min_track_seconds}")
+        if settings.detect_batch != "auto" and (isinstance(settings.detect_batch, (str, bool))
+                                                or int(settings.detect_batch) < 1):
+            raise ValueError(f"detect_batch must be 'auto' or an integer >= 1, got {settings.detect_batch!r}")
         return settings
 
 
@@ -106,12 +109,15 @@ def make_detector(settings: ExtractSettings, device: str | None = None):
 
         return RetinaFaceDetector(weights=settings.retinaface_weights, detect_size=settings.detect_size,
                                   min_score=settings.min_score, device=device or settings.device,
-                                  batch_size=settings.batch_size)
+                                  batch_size=settings.detect_batch)
     if settings.detector == "mtcnn":
         from .mtcnn import MTCNNDetector
 
+        # auto: 16 frames per cascade call on any device (MTCNN's pyramid stages batch well; the
+        # RetinaFace CPU rule of one frame does not apply to it, see docs/detectors.md)
+        batch = 16 if settings.detect_batch == "auto" else int(settings.detect_batch)
         return MTCNNDetector(detect_size=settings.detect_size, min_score=settings.min_score,
-                             device=device or settings.device, batch_size=settings.batch_size)
+                             device=device or settings.device, batch_size=batch)
     raise ValueError(f"unknown detector {settings.detector!r}; use 'retinaface', 'mtcnn' or 'haar'")
 
 
@@ -351,6 +357,16 @@ def min_track_frames(settings: ExtractSettings, fps: float) -> int:
     return max(1, int(round(float(settings.min_track_seconds) * fps)))
 
 
+def detector_batch(settings: ExtractSettings, detector) -> int:
+    """Frames handed to the detector per call: its own batch size (RetinaFace resolves
+    ``detect_batch: auto`` for its device), else the setting (16 for ``auto``: Haar detects frame
+    by frame, so this only groups the decoding)."""
+    own = getattr(detector, "batch_size", None)
+    if own:
+        return int(own)
+    return 16 if settings.detect_batch == "auto" else int(settings.detect_batch)
+
+
 def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
                 decoding: Decoding | None = None
                 ) -> tuple[dict[str, dict[int, tuple[str, np.ndarray]]], int, dict[int, np.ndarray]]:
@@ -363,7 +379,8 @@ def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, 
     """
     k = max(1, int(settings.detect_every))
     decoding = Decoding() if decoding is None else decoding
-    dets, n_frames, width = detect_keyframes(video, detector, k, settings.batch_size, decoding)
+    batch = detector_batch(settings, detector)
+    dets, n_frames, width = detect_keyframes(video, detector, k, batch, decoding)
     shortest = min_track_frames(settings, decoding.fps)
     undecodable = set(decoding.failed) | set(range(decoding.end, n_frames))
     while True:
@@ -378,7 +395,7 @@ def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, 
         need -= undecodable
         if not need:
             return plans, n_frames, dets
-        found = detect_frames(video, detector, need, settings.batch_size)
+        found = detect_frames(video, detector, need, batch)
         dets.update(found)
         undecodable |= need - found.keys()  # never asked for again
 
@@ -398,7 +415,8 @@ def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: 
     Raises :class:`VideoError` when the video cannot be opened.
     """
     k = max(1, int(settings.detect_every))
-    dets, n_frames, _ = detect_keyframes(video, detector, k, settings.batch_size)
+    batch = detector_batch(settings, detector)
+    dets, n_frames, _ = detect_keyframes(video, detector, k, batch)
     while True:
         need_dets = max(1, min(min_track, len(dets)))
         tracks = [t for t in link_tracks(dets, link_gap(k)) if len(t.frames) >= need_dets]
@@ -414,7 +432,7 @@ def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: 
         need.difference_update(dets)
         if not need:
             return plans, n_frames, dets
-        dets.update(detect_frames(video, detector, need, settings.batch_size))
+        dets.update(detect_frames(video, detector, need, batch))
 
 
 def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,

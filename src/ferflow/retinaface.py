@@ -8,8 +8,9 @@ decoding but
   ``cv2.INTER_LINEAR``, sizes rounded as albumentations' ``LongestMaxSize`` does: exactly the image
   ``predict_jsons(max_size=detect_size)`` feeds its network);
 * groups the frames of one call by that detection size (frames of a video all share one) and runs
-  one forward pass per ``batch_size`` frames of a group. Frames of different sizes are *not* padded
-  to a common size, as padding would change the network's output near the border;
+  one forward pass per ``batch_size`` frames of a group (``"auto"``: :func:`auto_batch_size`, 1 on
+  a CPU, 16 on a GPU). Frames of different sizes are *not* padded to a common size, as padding
+  would change the network's output near the border;
 * normalises on the device (BGR -> RGB, /255, ImageNet mean/std, as albumentations' ``Normalize``),
   computes the priors once per detection size (cached on the device), and decodes, score-filters and
   runs NMS on the device for the whole batch at once (``torchvision.ops.batched_nms`` with the image
@@ -192,6 +193,25 @@ def _decode_landmarks(pre: Tensor, pri: Tensor) -> Tensor:
     return points.reshape(-1, 10)
 
 
+#: Frames per forward pass that ``batch_size="auto"`` picks, per device type. The CPU value is
+#: measured (``bench/extract.py``, equal settings against ``predict_jsons``, ABBA rounds, on the
+#: 2-core development machine): one frame per pass at 1.18x ``predict_jsons`` and 16 frames at
+#: 0.71x on an idle machine (issue 19); under load 16-19 with one torch thread (what a pipeline
+#: job gets: Snakemake sets OMP_NUM_THREADS to the rule's ``threads: 1``) one frame at 1.21x, 4
+#: frames at 1.02x. A pass on one frame already keeps the cores busy; a batch only adds memory
+#: traffic. (With more torch threads than free cores, batches win instead: threads waiting for
+#: each other at every layer cost more than the layer, and a batch has fewer layers per frame.)
+#: On a GPU one 640x360 frame leaves most of the device idle and each pass pays kernel launches
+#: and a host sync, so frames are batched; 16 is a default, not yet measured by this project
+#: (``bench/gpu_detect.py`` times 1, 16 and 64 when a GPU is lent).
+AUTO_BATCH = {"cpu": 1, "cuda": 16, "mps": 1}
+
+
+def auto_batch_size(device: str | torch.device) -> int:
+    """Frames per forward pass for ``device`` (:data:`AUTO_BATCH`; 1 for a device type not listed)."""
+    return AUTO_BATCH.get(torch.device(device).type, 1)
+
+
 class RetinaFaceDetector:
     """Batched RetinaFace ResNet-50; see the module docstring.
 
@@ -204,16 +224,18 @@ class RetinaFaceDetector:
     name = "retinaface"
 
     def __init__(self, weights: str | None = None, detect_size: int = 640, min_score: float = 0.7,
-                 nms_threshold: float = 0.4, device: str | torch.device = "cpu", batch_size: int = 16):
+                 nms_threshold: float = 0.4, device: str | torch.device = "cpu", batch_size: int | str = "auto"):
         if detect_size < 32:
             raise ValueError(f"detect_size must be at least 32, got {detect_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        if batch_size == "auto":
+            batch_size = auto_batch_size(self.device)
+        if isinstance(batch_size, str) or batch_size < 1:
+            raise ValueError(f"batch_size must be 'auto' or at least 1, got {batch_size!r}")
         self.detect_size = int(detect_size)
         self.min_score = float(min_score)
         self.nms_threshold = float(nms_threshold)
         self.batch_size = int(batch_size)
-        self.device = torch.device(device)
         self.weights = str(weights) if weights else RETINAFACE_URL
         state = load_retinaface_weights(weights)
         model = build_retinaface()
