@@ -180,3 +180,17 @@ def test_console_script_lists_every_stage():
     res = subprocess.run([sys.executable, "-m", "ferflow.cli", "evaluate", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--smoothing-windows" in res.stdout
+
+
+def test_no_metrics_json_is_said_not_silent(tmp_path, monkeypatch):
+    """Without a metrics.json (none given, none beside the models) annotation runs unsmoothed and
+    says so in its log lines; with smoothing off on purpose it says nothing of the kind."""
+    from ferflow.run_config import run_config
+
+    monkeypatch.chdir(tmp_path)  # no config.yaml here
+    (tmp_path / "models").mkdir()
+    run = run_config(None, None, tmp_path / "models")
+    assert run.smoothing == {"expr": 0, "va": 0}
+    assert any(line.startswith("WARNING: no metrics.json found") for line in run.sources), run.sources
+    quiet = run_config(None, None, tmp_path / "models", smoothing=False)
+    assert not any("metrics.json" in line for line in quiet.sources)

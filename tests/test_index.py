@@ -212,3 +212,23 @@ def test_people_of_one_video_in_two_splits_are_allowed_and_warned_about_once(aff
     text = shards.summary_text(rows, table)
     assert text.count("video 'X' has people in more than one split") == 1
     assert "warning: aw: video 'X' has people in more than one split (train: X_left; validation: X_right)\n" in text
+
+
+def test_a_misspelt_split_folder_and_an_affwild2_label_map_are_errors(tmp_path):
+    """A split folder named in ``splits`` that exists under no task folder, and a ``label_map`` on
+    an Aff-Wild2 source (which would be ignored), stop the index with a message naming them."""
+    import pytest
+
+    from ferflow import index
+
+    root = tmp_path / "aw"
+    (root / "EXPR_Classification_Challenge" / "Train_Set").mkdir(parents=True)
+    (root / "EXPR_Classification_Challenge" / "Validation_Set").mkdir(parents=True)
+    (root / "videos").mkdir()
+    source = {"name": "aw", "kind": "affwild2", "root": str(root),
+              "splits": {"Train_Set": "train", "Valid_Set": "validation"}}
+    with pytest.raises(index.AnnotationError, match="split folder 'Valid_Set' .mapped to 'validation'. exists under none of"):
+        index.index_source(source, "stop", [])
+    source = {"name": "aw", "kind": "affwild2", "root": str(root), "label_map": {"0": "Anger"}}
+    with pytest.raises(index.AnnotationError, match="label_map is not used for kind affwild2"):
+        index.index_source(source, "stop", [])

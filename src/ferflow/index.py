@@ -230,8 +230,27 @@ def _issue(source: dict, split, task, file, line, reason, text) -> dict:
                 text=None if text is None else str(text)[:120] if line is not None else str(text))
 
 
+def check_split_folders(source: dict, tasks) -> None:
+    """A native split folder named in the source's own ``splits`` must exist under at least one of
+    its task folders that exist: a misspelt name (``Valid_Set``) would otherwise leave that split
+    out without a word. (The default folders are not checked: a copy without a validation set is
+    then reported by the shards stage's summary.) Raises :class:`AnnotationError` naming the folder."""
+    if not source.get("splits"):
+        return
+    root = Path(source["root"])
+    task_dirs = [root / layout.AFFWILD2_TASK_DIRS[t] for t in tasks if (root / layout.AFFWILD2_TASK_DIRS[t]).is_dir()]
+    for native, split in splits_for(source).items():
+        if task_dirs and not any((d / native).is_dir() for d in task_dirs):
+            raise AnnotationError(f"source {source['name']!r}: split folder {native!r} (mapped to {split!r}) exists under "
+                             f"none of {', '.join(str(d) for d in task_dirs)}; fix its name in 'splits' or map it to null")
+
+
 def index_affwild2(source: dict, issues: list[dict], on_unusable: str = "stop") -> pl.DataFrame:
     tasks = source.get("tasks") or ["expr", "va"]
+    if source.get("label_map"):
+        raise AnnotationError(f"source {source['name']!r}: a label_map is not used for kind affwild2 (its EXPR "
+                              f"files hold the ABAW classes in the order of their header); remove it")
+    check_split_folders(source, tasks)
     test_names = layout.read_test_list(source["test_list"]) if source.get("test_list") else None
     units = layout.affwild2_units(source["root"], source.get("videos"), splits_for(source), tasks,
                                   test_names=test_names)

@@ -89,6 +89,9 @@ def run_config(config: str | None, metrics: str | None, models_dir: str | os.Pat
         if metrics is not None:
             windows = smoothing_from(metrics)
             sources.append(f"smoothing windows {windows} from {metrics}")
+        else:
+            sources.append("WARNING: no metrics.json found (give --metrics, or run the evaluation first): "
+                           "no smoothing, the per-frame predictions are written as they are")
     return RunConfig(extract, weights, windows, sources, config)
 
 
