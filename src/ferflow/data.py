@@ -447,8 +447,21 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         lent = None
+        # OpenCV's thread pool does not survive fork(): a worker forked while one of this process's
+        # pool threads holds the pool's lock hangs in its first OpenCV call (_one_thread). It was
+        # seen in the test suite, where OpenCV ran multi-threaded in the same process before a
+        # loader was made. So the pool is stopped (one thread) while the workers are forked, and
+        # restored once they are started.
+        threads = cv2.getNumThreads() if self.dataloader.num_workers > 0 else None
+        if threads is not None:
+            cv2.setNumThreads(1)
         try:
-            for batch in self.dataloader:
+            try:
+                batches = iter(self.dataloader)  # forks the workers
+            finally:
+                if threads is not None:
+                    cv2.setNumThreads(threads)
+            for batch in batches:
                 if lent is not None:  # the caller asked for this batch: it is done with the last
                     self.stream.release(lent)
                 batch, lent = self.stream.take(batch, self.pin_memory, self.borrow)
