@@ -77,7 +77,7 @@ def test_check_config_raises_with_every_problem(config):
     with pytest.raises(ConfigError) as info:
         check_config(copy.deepcopy(config), SCHEMA_PATH)
     assert info.value.problems == ["trainig: unknown key (closest valid: 'training')",
-                                   "extract.detector: 'retina' is not one of retinaface, haar (closest valid: 'retinaface')"]
+                                   "extract.detector: 'retina' is not one of retinaface, mtcnn, haar (closest valid: 'retinaface')"]
     assert str(info.value).splitlines()[0] == "config: 2 problems:"
 
 
