@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,37 +92,114 @@ def test_settings_keys_match_the_config_schema():
 # a short run in process: outputs and checkpoint contents
 
 
-def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread):
+def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread, caplog):
     out = tmp_path / "run"
     settings = {**TINY, "epochs": 1, "task": "expr", "checkpoint_every": 0}
-    assert train.main(["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu",
-                       "--settings", json.dumps(settings), "--no-progress"]) == 0
+    argv = ["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu", "--settings", json.dumps(settings),
+            "--no-progress"]
+    caplog.set_level(logging.INFO, logger="ferflow.train")
+    assert train.main([*argv, "--log-every", "2"]) == 0
+    # without a terminal: a line every 2 steps with the loss, img/s and the epoch's ETA
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1 step")]
+    n_batches = math.ceil(int(next(csv.DictReader((out / "history.csv").open()))["train_samples"]) / 8)
+    assert len(steps) == n_batches // 2, steps
+    assert all(re.fullmatch(r"epoch 1/1 step \d/\d: loss \d+\.\d{4}, \d+ img/s, epoch ETA \d+:\d\d:\d\d", m)
+               for m in steps), steps
+    last_loss = float(re.search(r"loss (\S+),", steps[-1]).group(1))
+    assert last_loss > 0.5  # the running mean of the total loss (focal + affinity + partition)
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan")]
+    assert plan and "micro-batch(es) of 8" in plan[0]
+    assert any(r.getMessage().startswith("first optimiser step done: measured peak memory") for r in caplog.records)
     final = torch.load(out / "model.pt", weights_only=True)
     assert set(final) == {"model_state_dict", "settings", "model_config", "epoch"}
     assert final["settings"] == train.resolve_settings(settings) and final["epoch"] == 1
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    for key in ("model", "criterion", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
-                "global_step", "data", "settings", "history"):
-        assert key in ckpt, key
-    assert "affinity.centers" in ckpt["criterion"]
-    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
+    assert not (out / "last.pt").exists()  # a complete run keeps no checkpoint
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert len(rows) == 1
     for col in ("epoch", "lr", "loss_total", "loss_expr", "loss_affinity", "train_img_per_s",
-                "val_expr_f1", "val_va_ccc_mean"):
+                "val_expr_f1", "val_va_ccc_mean", "micro_batch", "peak_mem_gib"):
         assert col in rows[0], col
+    assert float(rows[0]["train_img_per_s"]) > 0 and int(rows[0]["micro_batch"]) == 8
     assert 0 <= float(rows[0]["val_expr_f1"]) <= 1 and rows[0]["val_va_ccc_mean"] == ""  # task expr
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    # a second start finds the run complete and only rewrites the outputs
-    mtime = (out / "last.pt").stat().st_mtime_ns
-    assert train.main(["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu",
-                       "--settings", json.dumps(settings), "--no-progress"]) == 0
-    assert (out / "last.pt").stat().st_mtime_ns == mtime
-    # other settings: refuse to resume
+    # a second start finds the run complete and rewrites nothing
+    mtimes = {f: (out / f).stat().st_mtime_ns for f in ("model.pt", "history.csv", "curves.png")}
+    assert train.main(argv) == 0
+    assert {f: (out / f).stat().st_mtime_ns for f in mtimes} == mtimes
+    assert not (out / "last.pt").exists()
+    # other settings: refuse to take the finished run for them
     with pytest.raises(ValueError, match="other settings.*lr"):
-        train.main(["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu",
-                    "--settings", json.dumps({**settings, "lr": 0.5}), "--no-progress"])
+        train.main([*argv[:-2], json.dumps({**settings, "lr": 0.5}), "--no-progress"])
+
+    # the checkpoint of a run in progress
+    args = train.get_args_parser().parse_args(["--shards", str(tiny_shards), "--out", str(tmp_path / "part")])
+    trainer = train.Trainer(args, train.resolve_settings(settings), torch.device("cpu"))
+    trainer.plan_memory()
+    trainer.train_one_epoch()
+    trainer.save()
+    ckpt = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    for key in ("model", "criterion", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
+                "global_step", "data", "settings", "history", "sums"):
+        assert key in ckpt, key
+    assert "affinity.centers" in ckpt["criterion"]
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch"}  # no CUDA state on the CPU
+    assert ckpt["epoch"] == 0 and ckpt["step"] == trainer.step > 0
+    assert ckpt["sums"]["samples"] > 0 and math.isfinite(ckpt["sums"]["total"])
+
+
+# --------------------------------------------------------------------------------------------
+# faults a GPU shows, reproduced on the CPU
+
+
+def test_resume_restores_only_the_training_devices_cuda_state(monkeypatch):
+    """A checkpoint saved with 3 visible GPUs, resumed with 1: the state was restored by index
+    into every saved GPU (IndexError); now only the training device's state is kept and set."""
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    calls = []
+
+    def fake_set(state, device="cuda"):
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise IndexError(f"no CUDA device {index}: 1 visible")
+        calls.append((state.clone(), index))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake_set)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", fake_set)
+    state = train.rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    state["cuda"] = saved
+    train.set_rng_state(state, torch.device("cuda", 0))
+    assert len(calls) == 1 and torch.equal(calls[0][0], saved[0]) and calls[0][1] == 0
+    mine = torch.full((16,), 9, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("one state per visible GPU saved"))
+    state = train.rng_state(torch.device("cuda", 0))
+    assert torch.equal(state["cuda"], mine)
+    calls.clear()
+    train.set_rng_state(state, torch.device("cuda", 0))
+    assert len(calls) == 1 and torch.equal(calls[0][0], mine)
+
+
+def test_training_step_reads_nothing_back_from_the_device(tiny_shards, monkeypatch, one_thread):
+    """The loss logged its parts with .tolist() before backward(): a GPU sync every step. Now
+    the step reads no tensor on the host (tolist, item and float conversion are forbidden here)."""
+    settings = train.resolve_settings({**TINY, "class_balance": True})
+    args = train.get_args_parser().parse_args(["--shards", str(tiny_shards), "--out", "unused"])
+    trainer = train.Trainer(args, settings, torch.device("cpu"))
+    trainer.micro = 3  # three micro-batches (3, 3, 2) of the batch of 8
+    loader, _ = train.train_loader(tiny_shards, "train", settings, trainer.train_index, 0, None, False)
+    batch = next(iter(loader))
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a tensor read on the host during the training step")
+
+    for name in ("tolist", "item", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    parts = trainer.train_step(batch)
+    monkeypatch.undo()
+    assert parts.shape == (len(train.LOSS_PARTS),) and torch.isfinite(parts).all() and parts[0] > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,16 +248,11 @@ def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers)
     assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
-    la = torch.load(ref_out / "last.pt", weights_only=True)
-    lb = torch.load(cut_out / "last.pt", weights_only=True)
-    assert torch.equal(la["criterion"]["affinity.centers"], lb["criterion"]["affinity.centers"])
-    for pid, state in la["optimizer"]["state"].items():
-        for name, tensor in state.items():
-            assert torch.equal(tensor, lb["optimizer"]["state"][pid][name]), (pid, name)
-    assert la["global_step"] == lb["global_step"]
-    hist_a = [{k: v for k, v in r.items() if k not in ("train_img_per_s",)} for r in la["history"]]
-    hist_b = [{k: v for k, v in r.items() if k not in ("train_img_per_s",)} for r in lb["history"]]
-    assert hist_a == hist_b
+    assert not (ref_out / "last.pt").exists() and not (cut_out / "last.pt").exists()
+    timing = ("train_img_per_s", "peak_mem_gib")
+    hist_a = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((ref_out / "history.csv").open())]
+    hist_b = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((cut_out / "history.csv").open())]
+    assert hist_a == hist_b and len(hist_a) == settings["epochs"]
 
 
 # --------------------------------------------------------------------------------------------
