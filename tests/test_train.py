@@ -148,6 +148,98 @@ def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread, capl
 
 
 # --------------------------------------------------------------------------------------------
+# micro-batches and the memory plan
+
+
+def _trainer(shards: Path, settings: dict) -> train.Trainer:
+    args = train.get_args_parser().parse_args(["--shards", str(shards), "--out", "unused"])
+    return train.Trainer(args, train.resolve_settings(settings), torch.device("cpu"))
+
+
+def test_micro_batch_slices():
+    assert train.micro_slices(32, 8) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert train.micro_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert train.micro_slices(9, 4) == [(0, 4), (4, 9)]  # no micro-batch of one sample
+    assert train.micro_slices(5, 8) == [(0, 5)]
+    # ranks: contiguous, no gap, no overlap
+    parts = [train.rank_slice(11, r, 3) for r in range(3)]
+    assert parts == [(0, 3), (3, 7), (7, 11)]
+
+
+def test_four_micro_batches_of_8_equal_one_batch_of_32(tmp_path, one_thread):
+    """Accumulating 4 x 8 gives the weights of 1 x 32 after 3 optimiser steps (BatchNorm in eval
+    mode: its batch statistics are per micro-batch by design; class-balance weights on, so the
+    per-sample weighting is checked too)."""
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, {"train": 96}, per_shard=32, size=40)
+    settings = {**TINY, "batch_size": 32, "task": "expr", "class_balance": True, "bootstrap": False,
+                "loss_weights": {"partition": 0.0}}
+    whole = _trainer(shards, {**settings, "micro_batch": 32})
+    micro = _trainer(shards, {**settings, "micro_batch": 8})
+    for t in (whole, micro):
+        t.plan_memory()
+        t.model.eval()
+    assert (whole.micro, micro.micro) == (32, 8)
+    loader, _ = train.train_loader(shards, "train", whole.settings, whole.train_index, 0, None, False)
+    steps = 0
+    for batch in loader:
+        assert batch["image"].shape[0] == 32
+        p_whole, p_micro = whole.train_step(batch), micro.train_step(batch)
+        steps += 1
+        torch.testing.assert_close(p_micro, p_whole, rtol=1e-5, atol=1e-6)  # logged parts: the batch's
+        if steps > 1:
+            continue
+        # from the same weights, the accumulated gradient is the whole batch's, to float32 rounding
+        # of each tensor's scale
+        for (name, pa), pb in zip(whole.step_module.named_parameters(), micro.step_module.parameters()):
+            assert (pa.grad is None) == (pb.grad is None), name
+            if pa.grad is not None:
+                scale = pa.grad.abs().max().item()
+                torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-5 * scale + 1e-12, msg=name)
+    assert steps == 3
+    # Weights: Adam divides each gradient by its running RMS, so a parameter whose gradient is at
+    # float32 noise level moves by up to ~lr per step either way: tolerance 5% of lr.
+    lr = settings["lr"]
+    init = _trainer(shards, {**settings, "micro_batch": 32}).model.state_dict()
+    moved = 0
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(micro.model.state_dict()[key], value, rtol=0, atol=0.05 * lr, msg=key)
+        moved += int((value.float() - init[key].float()).abs().max().item() > lr / 2)
+    assert moved > 20  # the comparison is of trained weights
+    torch.testing.assert_close(micro.criterion.affinity.centers, whole.criterion.affinity.centers,
+                               rtol=0, atol=0.05 * lr)
+
+
+def test_memory_plan_chooses_what_fits_and_refuses_what_cannot(tiny_shards, monkeypatch, one_thread):
+    trainer = _trainer(tiny_shards, {**TINY, "batch_size": 64})
+    fixed, per_sample = train.estimate_step_bytes(trainer.model, trainer.criterion, 32, torch.device("cpu"))
+    assert fixed > 4 * 4 * 11e6 and per_sample > 3 * 32 * 32  # ResNet-18 + heads: > 11 M parameters
+    # room for 5.5 samples beyond the fixed part (the plan keeps 10% spare): auto chooses 5
+    monkeypatch.setenv(train.ENV_MEMORY, str((fixed + 5.5 * per_sample) / 0.9 / 2**30))
+    trainer.plan_memory()
+    assert trainer.micro == 5
+    assert trainer.plan["available_gib"] == pytest.approx((fixed + 5.5 * per_sample) / 0.9 / 2**30)
+    # a number is taken as given (capped at the batch)
+    trainer.settings["micro_batch"] = 1000
+    trainer.plan_memory()
+    assert trainer.micro == 64
+    # not even two samples fit: a clear error before any step
+    monkeypatch.setenv(train.ENV_MEMORY, str((fixed + 1.5 * per_sample) / 0.9 / 2**30))
+    with pytest.raises(train.MemoryPlanError, match=r"micro-batch of 2 of resnet18 with 2 heads at 32 px needs "
+                       r"about [0-9.]+ GiB, cpu has [0-9.]+ GiB \(FERFLOW_DEVICE_MEMORY_GIB\): nothing fits"):
+        trainer.plan_memory()
+
+
+def test_impossible_plan_fails_at_once_from_the_command_line(tiny_shards, tmp_path):
+    env = {**child_env(), train.ENV_MEMORY: "0.01"}
+    res = subprocess.run(train_cmd(tiny_shards, tmp_path / "out", TINY), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0
+    assert "MemoryPlanError: memory plan: a micro-batch of 2" in res.stderr
+    assert not (tmp_path / "out" / "last.pt").exists() and not (tmp_path / "out" / "model.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
 # faults a GPU shows, reproduced on the CPU
 
 
@@ -223,9 +315,10 @@ def _run(cmd: list[str]) -> None:
     assert res.returncode == 0, res.stderr[-4000:]
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers):
-    settings = {**TINY, "workers": workers}
+@pytest.mark.parametrize("workers, micro", [(0, 3), pytest.param(2, "auto", marks=pytest.mark.slow)])
+def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers, micro):
+    """micro 3: batches of 8 in micro-batches of 3, 3, 2; checkpoints fall on optimiser steps."""
+    settings = {**TINY, "workers": workers, "micro_batch": micro}
     ref_out, cut_out = tmp_path / "uninterrupted", tmp_path / "killed"
     # start the reference run and the run to be killed side by side
     ref = subprocess.Popen(train_cmd(tiny_shards, ref_out, settings), env=child_env(),
