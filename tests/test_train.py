@@ -240,6 +240,70 @@ def test_impossible_plan_fails_at_once_from_the_command_line(tiny_shards, tmp_pa
 
 
 # --------------------------------------------------------------------------------------------
+# one variant on two ranks (torchrun, DistributedDataParallel over gloo on the CPU)
+
+
+def ranks_cmd(shards: Path, out: Path, settings: dict, ranks: int = 2) -> list[str]:
+    """The workflow's launch: claim the GPUs (none here: CPU ranks), then torchrun."""
+    return [sys.executable, "-m", "ferflow.devices", "--gpus", str(ranks), "--lock-dir", str(out.parent / "locks"),
+            "--", sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "ferflow.train", "--shards", str(shards), "--out", str(out), "--settings", json.dumps(settings),
+            "--no-progress"]
+
+
+def _params(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_and_resume_after_kill(tiny_shards, tmp_path):
+    """Two gloo ranks of batch 16 (8 each) train the weights of one process of batch 16 in
+    micro-batches of 8 (the same micro-batches, so even training-mode BatchNorm agrees); a 2-rank
+    run killed with SIGKILL mid-epoch resumes to the same weights. BatchNorm running statistics
+    are rank 0's in a k-rank run (DistributedDataParallel broadcasts its buffers): not compared."""
+    from workflow_helpers import kill_session
+
+    # 48 samples without bootstrap: three full batches per epoch (a short last batch would be
+    # split 4 + 4 over the ranks, but kept whole as one micro-batch by one process)
+    settings = {**TINY, "batch_size": 16, "gpus_per_variant": 2, "checkpoint_every": 1, "bootstrap": False}
+    env = {**child_env(), "FERFLOW_NUM_GPUS": "0"}
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    _run(train_cmd(tiny_shards, one, {**settings, "micro_batch": 8}))
+    res = subprocess.run(ranks_cmd(tiny_shards, two, settings), env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "rank 1 of 2" in res.stderr and "memory plan: batch 16 = 2 ranks x 8" in res.stderr
+    a, b = _params(one / "model.pt"), _params(two / "model.pt")
+    lr = settings["lr"]
+    for key, value in a.items():  # Adam: float32 noise on a near-zero gradient moves a weight by ~lr
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0.05 * lr, msg=key)
+    rows_one = list(csv.DictReader((one / "history.csv").open()))
+    rows_two = list(csv.DictReader((two / "history.csv").open()))
+    assert [r["train_samples"] for r in rows_two] == [r["train_samples"] for r in rows_one] == ["48", "48"]
+    assert [r["ranks"] for r in rows_two] == ["2", "2"]
+    for r1, r2 in zip(rows_one, rows_two):
+        assert float(r2["loss_total"]) == pytest.approx(float(r1["loss_total"]), rel=1e-4)
+
+    proc = subprocess.Popen(ranks_cmd(tiny_shards, cut, settings), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(cut / "last.pt", proc, timeout=600)
+    finally:
+        kill_session(proc)
+    ckpt = torch.load(cut / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step"] > 0 and not (cut / "model.pt").exists()
+    res = subprocess.run(ranks_cmd(tiny_shards, cut, settings), env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resumed from" in res.stderr
+    c = _params(cut / "model.pt")
+    b_all = torch.load(two / "model.pt", weights_only=True)["model_state_dict"]
+    c_all = torch.load(cut / "model.pt", weights_only=True)["model_state_dict"]
+    for key, value in b_all.items():  # the same 2-rank computation: exactly equal, buffers included
+        assert torch.equal(c_all[key], value), key
+    assert c.keys() == a.keys()
+
+
+# --------------------------------------------------------------------------------------------
 # faults a GPU shows, reproduced on the CPU
 
 

@@ -875,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s is complete (model.pt, history.csv and curves.png of these settings); nothing to do", out)
         return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("LOCAL_RANK") is not None:
+        die_with_parent()
     if world != int(settings["gpus_per_variant"]):
         log.warning("%d process(es) for gpus_per_variant %s (the workflow launches gpus_per_variant ranks "
                     "with torchrun; the batch is split over the ranks there are)", world, settings["gpus_per_variant"])
@@ -901,6 +903,23 @@ def main(argv: list[str] | None = None) -> int:
             if world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
     return 0
+
+
+def die_with_parent() -> None:
+    """Under torchrun: be killed (SIGKILL) when the launcher dies. torchrun starts each rank in a
+    session of its own, so a job killed by its process group (Snakemake, kill -9 of the run)
+    would otherwise leave the ranks training, on GPUs whose claim died with the launcher.
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before prctl
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def is_complete(out: Path, settings: dict) -> bool:
