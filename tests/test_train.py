@@ -21,7 +21,8 @@ import torch
 from ferflow import metrics, predict, schemas, train
 from test_data import write_synthetic_shards
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
 
 
 @pytest.fixture
@@ -448,3 +449,43 @@ def test_small_dan_learns_synthetic_task(tmp_path, one_thread):
     assert f1 >= 0.9
     assert min(ccc) >= 0.8
     assert float(rows[-1]["val_expr_f1"]) == pytest.approx(f1, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's settings
+
+
+PAPER = REPO / "config.paper.yaml"
+
+
+def test_paper_settings_plan_as_jobs_on_a_workstation_and_on_slurm(tmp_path):
+    """config.yaml + config.paper.yaml (the paper's settings verbatim) pass the schema; a dry run
+    plans six training jobs of one GPU each; with gpus_per_variant 2 each asks for two GPUs and
+    runs under torchrun, on SLURM as one task on one node."""
+    import yaml
+    from workflow_helpers import CONFIG, snakemake
+
+    paper = yaml.safe_load(PAPER.read_text())["training"]
+    assert {k: paper[k] for k in ("backbone", "input_size", "batch_size", "epochs", "lr", "weight_decay", "heads")} \
+        == {"backbone": "resnet50", "input_size": 224, "batch_size": 1024, "epochs": 8, "lr": 1e-4,
+            "weight_decay": 1e-4, "heads": 4}
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "resnet50_ft_weight.pkl").write_bytes(b"")  # the dry run checks it exists
+    out = snakemake(tmp_path, "-n", "-p", "--resources", "gpu=6", configs=(CONFIG, PAPER)).stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
+    assert jobs["train_variant"] == "6" and jobs["predict_variant"] == "6"
+    train_jobs = re.findall(r"rule train_variant:.*?Shell command: ([^\n]*)", out, re.S)
+    assert len(train_jobs) == 6
+    assert all(c.startswith("OMP_NUM_THREADS=") and " python -m ferflow.train " in c for c in train_jobs)
+    two = tmp_path / "two.yaml"
+    two.write_text("training:\n  gpus_per_variant: 2\n")
+    for profile in ((), ("--workflow-profile", str(REPO / "profiles" / "slurm"))):
+        out = snakemake(tmp_path, "-n", "-p", "--resources", "gpu=6", *profile, configs=(CONFIG, PAPER, two)).stdout
+        blocks = re.findall(r"rule train_variant:.*?Shell command: [^\n]*", out, re.S)
+        assert len(blocks) == 6
+        for block in blocks:
+            assert re.search(r"resources: .*gpu=2", block), block
+            assert "python -m ferflow.devices --gpus 2 -- python -m torch.distributed.run --standalone " \
+                   "--nproc-per-node 2 -m ferflow.train" in block
+            if profile:
+                assert "slurm_partition=gpu" in block and "nodes=1" in block
