@@ -489,3 +489,42 @@ def test_paper_settings_plan_as_jobs_on_a_workstation_and_on_slurm(tmp_path):
                    "--nproc-per-node 2 -m ferflow.train" in block
             if profile:
                 assert "slurm_partition=gpu" in block and "nodes=1" in block
+
+
+@pytest.mark.slow
+def test_paper_settings_reach_the_first_optimiser_step_on_the_cpu(tmp_path):
+    """The paper's settings (batch 1024 of ResNet-50 at 224 px) at a toy dataset size, with
+    micro_batch auto under a memory cap that holds 4 samples: the plan is logged before the first
+    step, which is then taken in micro-batches of 4 (pretrained weights left out: none here)."""
+    import yaml
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, {"train": 12}, per_shard=12, size=64)
+    settings = {**yaml.safe_load(PAPER.read_text())["training"], "name": "paper", "seed": 1,
+                "pretrained": None, "workers": 0}
+    resolved = train.resolve_settings(settings)
+    from ferflow.model import build_model
+    from ferflow.losses import DANLoss
+
+    model = build_model(resolved).train()
+    fixed, per_sample = train.estimate_step_bytes(model, DANLoss(), 224, torch.device("cpu"))
+    del model
+    env = {**child_env(), train.ENV_MEMORY: str((fixed + 4.5 * per_sample) / 0.9 / 2**30)}
+    proc = subprocess.Popen(train_cmd(shards, tmp_path / "out", settings), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "first optimiser step done" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(lines)
+    assert "first optimiser step done" in text, text[-4000:]
+    plan = re.search(r"memory plan: batch 1024 in (\d+) micro-batch\(es\) of (\d+)", text)
+    assert plan and plan.group(2) == "4", text[-4000:]
+    assert "BatchNorm statistics, the CCC and the partition loss are computed per micro-batch of 4" in text
+    assert re.search(r"first optimiser step done: measured peak memory [0-9.]+ GiB on cpu \(estimated [0-9.]+ GiB\), "
+                     r"micro-batch 4", text)
