@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 import torch
 
-from ferflow import metrics, predict, schemas, train
+from ferflow import data, metrics, predict, schemas, train
 from test_data import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_micro_batch_slices():
     assert train.micro_slices(9, 4) == [(0, 4), (4, 9)]  # no micro-batch of one sample
     assert train.micro_slices(5, 8) == [(0, 5)]
     # ranks: contiguous, no gap, no overlap
-    parts = [train.rank_slice(11, r, 3) for r in range(3)]
+    parts = [data.rank_slice(11, r, 3) for r in range(3)]
     assert parts == [(0, 3), (3, 7), (7, 11)]
 
 

@@ -10,15 +10,22 @@ YAML file; missing keys take :data:`DEFAULTS`.
 Outputs in ``--out``:
 
 - ``last.pt``: the resumable checkpoint (see :func:`save_checkpoint`), written atomically at every
-  epoch end and every ``checkpoint_every`` steps. A job killed at any moment and started again
-  (``--resume`` is the default) continues from it and, on the CPU, ends with exactly the weights of
-  an uninterrupted run of the same seed.
+  epoch end and every ``checkpoint_every`` optimiser steps, and removed once ``model.pt`` is
+  written (it exists only while a run is incomplete). A job killed at any moment and started
+  again (``--resume`` is the default) continues from it and, on the CPU, ends with exactly the
+  weights of an uninterrupted run of the same seed. A finished run started again does nothing.
 - ``model.pt``: the final weights for prediction: ``{"model_state_dict", "settings",
   "model_config", "epoch"}``, tensors and primitives only (``torch.load(weights_only=True)``).
-- ``history.csv`` and ``curves.png``: per-epoch learning rate, loss parts, training images/s and,
-  when the shards have a validation split, its expression macro F1 and mean VA CCC.
+- ``history.csv`` and ``curves.png``: per-epoch learning rate, loss parts, training images/s,
+  micro-batch, ranks, peak memory and, when the shards have a validation split, its expression
+  macro F1 and mean VA CCC.
 
-Read top to bottom: get_args_parser, load_data, train_one_epoch, evaluate, main.
+``batch_size`` is the optimisation batch, fed in micro-batches of ``micro_batch`` (auto: the
+memory plan, :func:`plan_micro_batch`) with gradients accumulated to one optimiser step. Under
+``torchrun`` (``gpus_per_variant`` > 1 in the workflow) each rank trains on its part of every
+batch with DistributedDataParallel; rank 0 writes the files. See docs/running.md.
+
+Read top to bottom: get_args_parser, load_data, build, checkpoints, memory plan, Trainer, evaluate, main.
 """
 
 from __future__ import annotations
@@ -165,14 +172,14 @@ def load_data(shards: str | Path, settings: dict, train_split: str, val_split: s
 
 
 def train_loader(shards, split: str, settings: dict, index: data.LabelIndex, epoch: int,
-                 position: data.DataPosition | None, pin_memory: bool):
+                 position: data.DataPosition | None, pin_memory: bool, rank: int = 0, world: int = 1):
     """The training stream of ``epoch``, continuing from ``position`` (batches already consumed)."""
     return data.make_loader(
         shards, split, batch_size=int(settings["batch_size"]),
         input_size=int(settings["input_size"]), train=True, augment=settings["augment"],
         seed=int(settings["seed"]), epoch=epoch, bootstrap=bool(settings["bootstrap"]),
         workers=int(settings["workers"]), position=position, index=index, pin_memory=pin_memory, borrow=True,
-        class_balance=bool(settings["class_balance"]),
+        class_balance=bool(settings["class_balance"]), rank=rank, world=world,
     )
 
 
@@ -502,11 +509,6 @@ def micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous part of a global batch of ``n`` that ``rank`` of ``world`` trains on."""
-    return n * rank // world, n * (rank + 1) // world
-
-
 class Trainer:
     """The state of a run: model, optimiser, position in the data, history.
 
@@ -577,7 +579,7 @@ class Trainer:
         """Choose the micro-batch (``micro_batch``: auto or a number) and log the plan; raise
         :class:`MemoryPlanError` at once when not even a micro-batch of 2 fits."""
         s = self.settings
-        local = rank_slice(int(s["batch_size"]), 0, self.world)[1]
+        local = data.rank_slice(int(s["batch_size"]), 0, self.world)[1]
         plan = plan_micro_batch(self.model, self.criterion, s, self.device, local)
         self.micro = plan["micro_batch"]
         self.plan = plan
@@ -600,7 +602,7 @@ class Trainer:
         if self.position.epoch != self.epoch:
             self.position = data.DataPosition.start(self.epoch, int(s["workers"]))
         loader, stream = train_loader(self.args.shards, self.args.train_split, s, self.train_index, self.epoch,
-                                      self.position, device.type == "cuda")
+                                      self.position, device.type == "cuda", self.rank, self.world)
         total = sum(stream.batches_per_worker())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -615,7 +617,7 @@ class Trainer:
         t_last = time.perf_counter()
         first = self.global_step == 0
         for batch in loader:
-            n = batch["image"].shape[0]
+            n = len(batch["expr"])  # the global batch (with ranks, "image" holds this rank's part)
             if self._trainable(n):
                 loss_sum += self.train_step(batch).double() * n
                 self.step += 1
@@ -656,7 +658,7 @@ class Trainer:
     def _trainable(self, n: int) -> bool:
         # training-mode BatchNorm1d needs two samples: a batch whose rank slices would hold fewer
         # is skipped, by every rank alike (they all know n)
-        return min(b - a for a, b in (rank_slice(n, r, self.world) for r in range(self.world))) >= 2
+        return min(b - a for a, b in (data.rank_slice(n, r, self.world) for r in range(self.world))) >= 2
 
     def _rate(self) -> float:
         return self.sums.get("samples", 0.0) / max(self.sums.get("seconds", 0.0), 1e-9)
@@ -676,12 +678,13 @@ class Trainer:
     def train_step(self, batch: dict) -> torch.Tensor:
         """One optimiser step on a (global) batch, in micro-batches; returns the loss parts (5,)
         in :data:`LOSS_PARTS` order as a device tensor (no host sync)."""
-        n = batch["image"].shape[0]
-        a, b = rank_slice(n, self.rank, self.world)
+        n = len(batch["expr"])
+        a, b = data.rank_slice(n, self.rank, self.world)
         use_weight = bool(self.settings["class_balance"])
         totals = self.criterion.weight_totals(batch["expr"], batch["va"], batch["weight"] if use_weight else None)
         totals = totals.to(self.device, non_blocking=True)
-        images = batch["image"][a:b]
+        # the loader decodes only this rank's part ("part"); a whole batch is sliced here
+        images = batch["image"] if "part" in batch else batch["image"][a:b]
         expr = batch["expr"][a:b].to(self.device, non_blocking=True)
         va = batch["va"][a:b].to(self.device, non_blocking=True)
         weight = batch["weight"][a:b].to(self.device, non_blocking=True) if use_weight else None
