@@ -176,7 +176,8 @@ def claim_device(
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
     claimed = ",".join(device_id for device_id, _ in held)
     os.environ["CUDA_VISIBLE_DEVICES"] = claimed
-    log.info("%s: claimed %s (locks in %s)", how, claimed, folder)
+    log.info("claimed GPU%s %s of %d (%s; locks in %s)", "s" if count > 1 else "", claimed, len(candidates),
+             how, folder)
     _HELD.extend(fd for _, fd in held)
     try:
         yield claimed
