@@ -471,3 +471,61 @@ def test_borrowed_batches_are_the_copied_ones_and_give_their_slots_back(shards):
         assert all(torch.equal(x["image"], y["image"]) for x, y in zip(borrowed, copied))
     # copied batches own their memory: all still distinct after the loop
     assert len({b["image"].untyped_storage().data_ptr() for b in copied}) == len(copied)
+
+
+# --------------------------------------------------------------------------------------------
+# ranks and the shared-memory ring
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_split_each_batch_without_duplicates_or_gaps(shards, workers):
+    """Three ranks read the one-process stream's batches and each decodes its contiguous part:
+    the parts' images put together are the one-process batch (same bootstrap counts and
+    augmentation draws), so every sample of the epoch is trained on exactly once across ranks."""
+    kw = dict(batch_size=8, input_size=32, train=True, augment=["flip", "crop", "erase"], seed=4, epoch=1,
+              bootstrap=True, workers=workers)
+    whole = collect(data.make_loader(shards, "train", **kw)[0])
+    ranks = [collect(data.make_loader(shards, "train", rank=r, world=3, **kw)[0]) for r in range(3)]
+    assert all(len(r) == len(whole) for r in ranks)
+    seen: Counter = Counter()
+    for i, batch in enumerate(whole):
+        n = len(batch["key"])
+        parts = [r[i] for r in ranks]
+        bounds = [p["part"] for p in parts]
+        assert bounds == [(n * r // 3, n * (r + 1) // 3) for r in range(3)]
+        assert [b - a for a, b in bounds] == [p["image"].shape[0] for p in parts]
+        for p in parts:  # labels and keys: the whole batch, for the loss's denominators
+            assert p["key"] == batch["key"] and torch.equal(p["expr"], batch["expr"])
+        assert torch.equal(torch.cat([p["image"] for p in parts]), batch["image"])
+        for p, (a, b) in zip(parts, bounds):
+            seen.update(p["key"][a:b])
+    expected = {k: data.bootstrap_count(k, 4) for k in data.read_labels(shards).filter(pl.col("split") == "train")["key"]}
+    assert seen == Counter({k: c for k, c in expected.items() if c})  # each repeat once, none missing
+
+
+def test_shared_memory_ring_is_sized_from_batch_workers_and_free_space(shards, monkeypatch):
+    """The ring was workers x 6 slots x batch whatever /dev/shm held (about 7.4 GiB at batch 1024,
+    224 px, 8 workers: a bus error in a container's 64 MB). Now: 6 slots when they take at most
+    half the free space, fewer down to 3, and an error at once below that."""
+    slot = 8 * 32 * 32 * 3
+    assert data.ring_slots(2, slot, 100 * slot) == data.PREFETCH + 2
+    assert data.ring_slots(2, slot, 8 * slot) == 3  # half of 8 slots: 4 for 2 workers -> 2, raised to 3
+    assert data.ring_slots(2, slot, 14 * slot) == 3
+    assert data.ring_slots(2, slot, 20 * slot) == 5
+    with pytest.raises(RuntimeError, match=r"/dev/shm has [0-9.]+ MiB free; the loader needs [0-9.]+ MiB of shared "
+                                           r"memory \(2 workers x 3 batch slots x [0-9.]+ MiB\).*--shm-size"):
+        data.ring_slots(2, slot, 5 * slot)
+    paper = 1024 * 224 * 224 * 3  # one batch of the paper: 147 MiB
+    assert data.ring_slots(8, paper, 8 * 2**30) == 3  # 8 GiB free: 3 slots per worker (3.4 GiB)
+    with pytest.raises(RuntimeError, match="/dev/shm has 64.0 MiB free; the loader needs 3528.0 MiB"):
+        data.ring_slots(8, paper, 64 * 2**20)  # a container's default /dev/shm
+    monkeypatch.setattr(data, "shm_free_bytes", lambda path=data.SHM: 10 * slot)
+    loader, stream = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True, workers=2)
+    assert [tuple(r.shape) for r in stream._ring] == [(3, 8, 32, 32, 3)] * 2
+    assert sum(len(b["key"]) for b in loader) == 60  # a working loader with one batch in flight per worker
+    # a rank's slots hold its part only
+    _, ranked = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True, workers=2, rank=1, world=3)
+    assert ranked._ring[0].shape[1] == 3  # parts of 8 over 3 ranks: 2, 3, 3
+    monkeypatch.setattr(data, "shm_free_bytes", lambda path=data.SHM: 2 * slot)
+    with pytest.raises(RuntimeError, match="/dev/shm has"):
+        data.make_loader(shards, "train", batch_size=8, input_size=32, train=True, workers=2)

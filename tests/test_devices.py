@@ -134,3 +134,74 @@ def test_count_gpus(monkeypatch):
     monkeypatch.delenv("FERFLOW_NUM_GPUS")
     monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi
     assert devices.count_gpus() == 0
+
+
+def _holder(lock_dir: Path, log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_dir), str(log), "-1"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_preset_multi_id_cuda_visible_devices_is_claimed_among(tmp_path, monkeypatch):
+    """A shell exporting CUDA_VISIBLE_DEVICES=0,1: each job claims one of them (was: every job
+    took "0,1" as it was and trained on GPU 0)."""
+    env = env_with(0)
+    env["CUDA_VISIBLE_DEVICES"] = "3,1"
+    lock_dir = tmp_path / "locks"
+    holders = [_holder(lock_dir, tmp_path / "log", env) for _ in range(2)]
+    try:
+        got = sorted(h.stdout.readline().strip() for h in holders)
+        assert got == ["1", "3"]  # one id each, narrowed to it, among the listed ids only
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+        with pytest.raises(devices.NoFreeDevice):  # both listed devices are taken
+            with devices.claim_device(lock_dir, timeout=0.2, poll=0.05):
+                pass
+    finally:
+        for h in holders:
+            os.kill(h.pid, signal.SIGKILL)
+            h.wait()
+    with devices.claim_device(lock_dir, timeout=10, poll=0.05) as dev:
+        assert dev == "3" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,1"  # restored
+
+
+def test_claim_several_devices_all_or_none(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("FERFLOW_NUM_GPUS", "3")
+    with devices.claim_device(tmp_path, count=2) as pair:
+        assert pair == "0,1" and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # as a second job's fresh environment
+        with pytest.raises(devices.NoFreeDevice):
+            with devices.claim_device(tmp_path, count=2, timeout=0.2, poll=0.05):
+                pass
+        with devices.claim_device(tmp_path, count=1, timeout=1) as one:
+            assert one == "2"  # the failed pair claim did not keep GPU 2
+    with pytest.raises(ValueError, match="4 GPUs asked for, 3"):
+        with devices.claim_device(tmp_path, count=4):
+            pass
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # SLURM gave one GPU, the job needs two
+    with pytest.raises(ValueError, match="lists 1 device.*needs 2"):
+        with devices.claim_device(tmp_path, count=2):
+            pass
+
+
+def test_claim_command_runs_with_narrowed_devices(tmp_path):
+    show = "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"
+    cmd = [sys.executable, "-m", "ferflow.devices", "--gpus", "2", "--lock-dir", str(tmp_path), "--",
+           sys.executable, "-c", show]
+    res = subprocess.run(cmd, env=env_with(3), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "'0,1'"
+    res = subprocess.run(cmd, env=env_with(0), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "''"  # no GPU: the ranks see none
+
+
+def test_cuda_seen_without_a_gpu_count_is_an_error(tmp_path, no_cuda_env, monkeypatch):
+    """nvidia-smi missing while torch sees CUDA: say so (was: silently trained on the CPU)."""
+    import torch
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="torch sees 2 CUDA device.*nvidia-smi.*FERFLOW_NUM_GPUS"):
+        with devices.select_device("auto", tmp_path):
+            pass

@@ -220,6 +220,11 @@ def _cat(a, b):
     return DANOutput(*[torch.cat([x.detach(), y.detach()]) for x, y in zip(a, b)])
 
 
+def floats(parts: dict) -> dict:
+    """DANLoss's logged parts (0-d tensors, read on the host only when logged) as floats."""
+    return {k: v.item() for k, v in parts.items()}
+
+
 def test_dan_loss_masks_unlabelled_samples():
     torch.manual_seed(0)
     crit = DANLoss(task="both")
@@ -227,9 +232,11 @@ def test_dan_loss_masks_unlabelled_samples():
     expr = torch.tensor([0, 3, 3, 6])
     va = torch.rand(4, 2) * 2 - 1
     _, base = crit(out, expr, va)
+    base = floats(base)
     extra = fake_output(3, seed=1)  # samples with no label of either kind
     _, more = crit(_cat(out, extra), torch.cat([expr, torch.full((3,), -1)]),
                    torch.cat([va, torch.full((3, 2), NAN)]))
+    more = floats(more)
     for key in ("expr", "va", "affinity"):
         assert more[key] == pytest.approx(base[key], rel=1e-6, abs=1e-7)
     # parts are the plain losses
@@ -245,6 +252,7 @@ def test_dan_loss_batch_without_expression_labels():
     out = fake_output(4)
     va = torch.rand(4, 2)
     total, parts = crit(out, torch.full((4,), -1), va)
+    parts = floats(parts)
     assert parts["expr"] == 0.0 and parts["affinity"] == 0.0
     assert math.isfinite(parts["total"]) and parts["va"] > 0
     total.backward()
@@ -253,6 +261,7 @@ def test_dan_loss_batch_without_expression_labels():
     # expression-only variant with neither label: only the (label-free) partition loss remains
     out2 = fake_output(4)
     total2, parts2 = DANLoss(task="expr")(out2, torch.full((4,), -1), torch.full((4, 2), NAN))
+    parts2 = floats(parts2)
     total2.backward()
     assert parts2["total"] == pytest.approx(parts2["partition"])
     assert out2.heads.grad is not None
@@ -260,6 +269,7 @@ def test_dan_loss_batch_without_expression_labels():
     out3 = fake_output(2)
     total3, parts3 = DANLoss(task="va", loss_weights={"partition": 0})(
         out3, torch.full((2,), -1), torch.full((2, 2), NAN))
+    parts3 = floats(parts3)
     total3.backward()
     assert parts3["total"] == 0.0
 
@@ -268,15 +278,19 @@ def test_dan_loss_task_selection_weights_and_validation():
     out = fake_output(4)
     expr, va = torch.tensor([1, 2, 3, 4]), torch.rand(4, 2)
     _, p_va = DANLoss(task="va")(out, expr, va)
+    p_va = floats(p_va)
     assert p_va["expr"] == 0.0 and p_va["affinity"] == 0.0 and p_va["va"] > 0
     _, p_ex = DANLoss(task="expr")(out, expr, va)
+    p_ex = floats(p_ex)
     assert p_ex["va"] == 0.0 and p_ex["expr"] > 0 and p_ex["affinity"] > 0
     crit = DANLoss(task="both", loss_weights={"va": 2.0, "affinity": 0.5})
     _, p = crit(out, expr, va)
+    p = floats(p)
     assert p["total"] == pytest.approx(p["expr"] + 2 * p["va"] + 0.5 * p["affinity"] + p["partition"],
                                        rel=1e-6)
     cw = torch.arange(1.0, 9.0)
     _, pw = DANLoss(task="expr", class_weights=cw, focal_gamma=0.0)(out, expr, va)
+    pw = floats(pw)
     want = F.cross_entropy(out.expr, expr, weight=cw, reduction="none").mean().item()
     assert pw["expr"] == pytest.approx(want, rel=1e-6)
     assert [n for n, _ in DANLoss().named_parameters()] == ["affinity.centers"]
@@ -294,9 +308,11 @@ def test_dan_loss_sample_weights_are_multiplicities():
     va = torch.tensor([[0.1, 0.2], [0.5, -0.3], [NAN, NAN]])
     crit = DANLoss(task="both", loss_weights={"partition": 0})
     _, weighted = crit(out, expr, va, sample_weight=torch.tensor([2.0, 1.0, 3.0]))
+    weighted = floats(weighted)
     idx = torch.tensor([0, 0, 1, 2, 2, 2])
     rep = DANOutput(*[t.detach()[idx] for t in out])
     _, repeated = crit(rep, expr[idx], va[idx])
+    repeated = floats(repeated)
     for key in ("expr", "va", "affinity", "total"):
         assert weighted[key] == pytest.approx(repeated[key], rel=1e-5)
 
@@ -304,4 +320,5 @@ def test_dan_loss_sample_weights_are_multiplicities():
 def test_dan_loss_handles_bf16_outputs():
     out = DANOutput(*[t.detach().to(torch.bfloat16) for t in fake_output(4)])
     total, parts = DANLoss()(out, torch.tensor([0, 1, 2, 3]), torch.rand(4, 2))
+    parts = floats(parts)
     assert total.dtype == torch.float32 and np.isfinite(list(parts.values())).all()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +18,11 @@ import polars as pl
 import pytest
 import torch
 
-from ferflow import metrics, predict, schemas, train
+from ferflow import data, metrics, predict, schemas, train
 from test_data import write_synthetic_shards
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
 
 
 @pytest.fixture
@@ -89,37 +93,270 @@ def test_settings_keys_match_the_config_schema():
 # a short run in process: outputs and checkpoint contents
 
 
-def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread):
+def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread, caplog):
     out = tmp_path / "run"
     settings = {**TINY, "epochs": 1, "task": "expr", "checkpoint_every": 0}
-    assert train.main(["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu",
-                       "--settings", json.dumps(settings), "--no-progress"]) == 0
+    argv = ["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu", "--settings", json.dumps(settings),
+            "--no-progress"]
+    caplog.set_level(logging.INFO, logger="ferflow.train")
+    assert train.main([*argv, "--log-every", "2"]) == 0
+    # without a terminal: a line every 2 steps with the loss, img/s and the epoch's ETA
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1 step")]
+    n_batches = math.ceil(int(next(csv.DictReader((out / "history.csv").open()))["train_samples"]) / 8)
+    assert len(steps) == n_batches // 2, steps
+    assert all(re.fullmatch(r"epoch 1/1 step \d/\d: loss \d+\.\d{4}, \d+ img/s, epoch ETA \d+:\d\d:\d\d", m)
+               for m in steps), steps
+    last_loss = float(re.search(r"loss (\S+),", steps[-1]).group(1))
+    assert last_loss > 0.5  # the running mean of the total loss (focal + affinity + partition)
+    plan = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory plan")]
+    assert plan and "micro-batch(es) of 8" in plan[0]
+    assert any(r.getMessage().startswith("first optimiser step done: measured peak memory") for r in caplog.records)
     final = torch.load(out / "model.pt", weights_only=True)
     assert set(final) == {"model_state_dict", "settings", "model_config", "epoch"}
     assert final["settings"] == train.resolve_settings(settings) and final["epoch"] == 1
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    for key in ("model", "criterion", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
-                "global_step", "data", "settings", "history"):
-        assert key in ckpt, key
-    assert "affinity.centers" in ckpt["criterion"]
-    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
+    assert not (out / "last.pt").exists()  # a complete run keeps no checkpoint
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert len(rows) == 1
     for col in ("epoch", "lr", "loss_total", "loss_expr", "loss_affinity", "train_img_per_s",
-                "val_expr_f1", "val_va_ccc_mean"):
+                "val_expr_f1", "val_va_ccc_mean", "micro_batch", "peak_mem_gib"):
         assert col in rows[0], col
+    assert float(rows[0]["train_img_per_s"]) > 0 and int(rows[0]["micro_batch"]) == 8
     assert 0 <= float(rows[0]["val_expr_f1"]) <= 1 and rows[0]["val_va_ccc_mean"] == ""  # task expr
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    # a second start finds the run complete and only rewrites the outputs
-    mtime = (out / "last.pt").stat().st_mtime_ns
-    assert train.main(["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu",
-                       "--settings", json.dumps(settings), "--no-progress"]) == 0
-    assert (out / "last.pt").stat().st_mtime_ns == mtime
-    # other settings: refuse to resume
+    # a second start finds the run complete and rewrites nothing
+    mtimes = {f: (out / f).stat().st_mtime_ns for f in ("model.pt", "history.csv", "curves.png")}
+    assert train.main(argv) == 0
+    assert {f: (out / f).stat().st_mtime_ns for f in mtimes} == mtimes
+    assert not (out / "last.pt").exists()
+    # other settings: refuse to take the finished run for them
     with pytest.raises(ValueError, match="other settings.*lr"):
-        train.main(["--shards", str(tiny_shards), "--out", str(out), "--device", "cpu",
-                    "--settings", json.dumps({**settings, "lr": 0.5}), "--no-progress"])
+        train.main([*argv[:-2], json.dumps({**settings, "lr": 0.5}), "--no-progress"])
+
+    # the checkpoint of a run in progress
+    args = train.get_args_parser().parse_args(["--shards", str(tiny_shards), "--out", str(tmp_path / "part")])
+    trainer = train.Trainer(args, train.resolve_settings(settings), torch.device("cpu"))
+    trainer.plan_memory()
+    trainer.train_one_epoch()
+    trainer.save()
+    ckpt = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    for key in ("model", "criterion", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
+                "global_step", "data", "settings", "history", "sums"):
+        assert key in ckpt, key
+    assert "affinity.centers" in ckpt["criterion"]
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch"}  # no CUDA state on the CPU
+    assert ckpt["epoch"] == 0 and ckpt["step"] == trainer.step > 0
+    assert ckpt["sums"]["samples"] > 0 and math.isfinite(ckpt["sums"]["total"])
+
+
+# --------------------------------------------------------------------------------------------
+# micro-batches and the memory plan
+
+
+def _trainer(shards: Path, settings: dict) -> train.Trainer:
+    args = train.get_args_parser().parse_args(["--shards", str(shards), "--out", "unused"])
+    return train.Trainer(args, train.resolve_settings(settings), torch.device("cpu"))
+
+
+def test_micro_batch_slices():
+    assert train.micro_slices(32, 8) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert train.micro_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert train.micro_slices(9, 4) == [(0, 4), (4, 9)]  # no micro-batch of one sample
+    assert train.micro_slices(5, 8) == [(0, 5)]
+    # ranks: contiguous, no gap, no overlap
+    parts = [data.rank_slice(11, r, 3) for r in range(3)]
+    assert parts == [(0, 3), (3, 7), (7, 11)]
+
+
+def test_four_micro_batches_of_8_equal_one_batch_of_32(tmp_path, one_thread):
+    """Accumulating 4 x 8 gives the weights of 1 x 32 after 3 optimiser steps (BatchNorm in eval
+    mode: its batch statistics are per micro-batch by design; class-balance weights on, so the
+    per-sample weighting is checked too)."""
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, {"train": 96}, per_shard=32, size=40)
+    settings = {**TINY, "batch_size": 32, "task": "expr", "class_balance": True, "bootstrap": False,
+                "loss_weights": {"partition": 0.0}}
+    whole = _trainer(shards, {**settings, "micro_batch": 32})
+    micro = _trainer(shards, {**settings, "micro_batch": 8})
+    for t in (whole, micro):
+        t.plan_memory()
+        t.model.eval()
+    assert (whole.micro, micro.micro) == (32, 8)
+    loader, _ = train.train_loader(shards, "train", whole.settings, whole.train_index, 0, None, False)
+    steps = 0
+    for batch in loader:
+        assert batch["image"].shape[0] == 32
+        p_whole, p_micro = whole.train_step(batch), micro.train_step(batch)
+        steps += 1
+        torch.testing.assert_close(p_micro, p_whole, rtol=1e-5, atol=1e-6)  # logged parts: the batch's
+        if steps > 1:
+            continue
+        # from the same weights, the accumulated gradient is the whole batch's, to float32 rounding
+        # of each tensor's scale
+        for (name, pa), pb in zip(whole.step_module.named_parameters(), micro.step_module.parameters()):
+            assert (pa.grad is None) == (pb.grad is None), name
+            if pa.grad is not None:
+                scale = pa.grad.abs().max().item()
+                torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-5 * scale + 1e-12, msg=name)
+    assert steps == 3
+    # Weights: Adam divides each gradient by its running RMS, so a parameter whose gradient is at
+    # float32 noise level moves by up to ~lr per step either way: tolerance 5% of lr.
+    lr = settings["lr"]
+    init = _trainer(shards, {**settings, "micro_batch": 32}).model.state_dict()
+    moved = 0
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(micro.model.state_dict()[key], value, rtol=0, atol=0.05 * lr, msg=key)
+        moved += int((value.float() - init[key].float()).abs().max().item() > lr / 2)
+    assert moved > 20  # the comparison is of trained weights
+    torch.testing.assert_close(micro.criterion.affinity.centers, whole.criterion.affinity.centers,
+                               rtol=0, atol=0.05 * lr)
+
+
+def test_memory_plan_chooses_what_fits_and_refuses_what_cannot(tiny_shards, monkeypatch, one_thread):
+    trainer = _trainer(tiny_shards, {**TINY, "batch_size": 64})
+    fixed, per_sample = train.estimate_step_bytes(trainer.model, trainer.criterion, 32, torch.device("cpu"))
+    assert fixed > 4 * 4 * 11e6 and per_sample > 3 * 32 * 32  # ResNet-18 + heads: > 11 M parameters
+    # room for 5.5 samples beyond the fixed part (the plan keeps 10% spare): auto chooses 5
+    monkeypatch.setenv(train.ENV_MEMORY, str((fixed + 5.5 * per_sample) / 0.9 / 2**30))
+    trainer.plan_memory()
+    assert trainer.micro == 5
+    assert trainer.plan["available_gib"] == pytest.approx((fixed + 5.5 * per_sample) / 0.9 / 2**30)
+    # a number is taken as given (capped at the batch)
+    trainer.settings["micro_batch"] = 1000
+    trainer.plan_memory()
+    assert trainer.micro == 64
+    # not even two samples fit: a clear error before any step
+    monkeypatch.setenv(train.ENV_MEMORY, str((fixed + 1.5 * per_sample) / 0.9 / 2**30))
+    with pytest.raises(train.MemoryPlanError, match=r"micro-batch of 2 of resnet18 with 2 heads at 32 px needs "
+                       r"about [0-9.]+ GiB, cpu has [0-9.]+ GiB \(FERFLOW_DEVICE_MEMORY_GIB\): nothing fits"):
+        trainer.plan_memory()
+
+
+def test_impossible_plan_fails_at_once_from_the_command_line(tiny_shards, tmp_path):
+    env = {**child_env(), train.ENV_MEMORY: "0.01"}
+    res = subprocess.run(train_cmd(tiny_shards, tmp_path / "out", TINY), env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0
+    assert "MemoryPlanError: memory plan: a micro-batch of 2" in res.stderr
+    assert not (tmp_path / "out" / "last.pt").exists() and not (tmp_path / "out" / "model.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# one variant on two ranks (torchrun, DistributedDataParallel over gloo on the CPU)
+
+
+def ranks_cmd(shards: Path, out: Path, settings: dict, ranks: int = 2) -> list[str]:
+    """The workflow's launch: claim the GPUs (none here: CPU ranks), then torchrun."""
+    return [sys.executable, "-m", "ferflow.devices", "--gpus", str(ranks), "--lock-dir", str(out.parent / "locks"),
+            "--", sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            "-m", "ferflow.train", "--shards", str(shards), "--out", str(out), "--settings", json.dumps(settings),
+            "--no-progress"]
+
+
+def _params(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)["model_state_dict"]
+    return {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_and_resume_after_kill(tiny_shards, tmp_path):
+    """Two gloo ranks of batch 16 (8 each) train the weights of one process of batch 16 in
+    micro-batches of 8 (the same micro-batches, so even training-mode BatchNorm agrees); a 2-rank
+    run killed with SIGKILL mid-epoch resumes to the same weights. BatchNorm running statistics
+    are rank 0's in a k-rank run (DistributedDataParallel broadcasts its buffers): not compared."""
+    from workflow_helpers import kill_session
+
+    # 48 samples without bootstrap: three full batches per epoch (a short last batch would be
+    # split 4 + 4 over the ranks, but kept whole as one micro-batch by one process)
+    settings = {**TINY, "batch_size": 16, "gpus_per_variant": 2, "checkpoint_every": 1, "bootstrap": False}
+    env = {**child_env(), "FERFLOW_NUM_GPUS": "0"}
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    _run(train_cmd(tiny_shards, one, {**settings, "micro_batch": 8}))
+    res = subprocess.run(ranks_cmd(tiny_shards, two, settings), env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "rank 1 of 2" in res.stderr and "memory plan: batch 16 = 2 ranks x 8" in res.stderr
+    a, b = _params(one / "model.pt"), _params(two / "model.pt")
+    lr = settings["lr"]
+    for key, value in a.items():  # Adam: float32 noise on a near-zero gradient moves a weight by ~lr
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0.05 * lr, msg=key)
+    rows_one = list(csv.DictReader((one / "history.csv").open()))
+    rows_two = list(csv.DictReader((two / "history.csv").open()))
+    assert [r["train_samples"] for r in rows_two] == [r["train_samples"] for r in rows_one] == ["48", "48"]
+    assert [r["ranks"] for r in rows_two] == ["2", "2"]
+    for r1, r2 in zip(rows_one, rows_two):
+        assert float(r2["loss_total"]) == pytest.approx(float(r1["loss_total"]), rel=1e-4)
+
+    proc = subprocess.Popen(ranks_cmd(tiny_shards, cut, settings), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(cut / "last.pt", proc, timeout=600)
+    finally:
+        kill_session(proc)
+    ckpt = torch.load(cut / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["step"] > 0 and not (cut / "model.pt").exists()
+    res = subprocess.run(ranks_cmd(tiny_shards, cut, settings), env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resumed from" in res.stderr
+    c = _params(cut / "model.pt")
+    b_all = torch.load(two / "model.pt", weights_only=True)["model_state_dict"]
+    c_all = torch.load(cut / "model.pt", weights_only=True)["model_state_dict"]
+    for key, value in b_all.items():  # the same 2-rank computation: exactly equal, buffers included
+        assert torch.equal(c_all[key], value), key
+    assert c.keys() == a.keys()
+
+
+# --------------------------------------------------------------------------------------------
+# faults a GPU shows, reproduced on the CPU
+
+
+def test_resume_restores_only_the_training_devices_cuda_state(monkeypatch):
+    """A checkpoint saved with 3 visible GPUs, resumed with 1: the state was restored by index
+    into every saved GPU (IndexError); now only the training device's state is kept and set."""
+    saved = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    calls = []
+
+    def fake_set(state, device="cuda"):
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise IndexError(f"no CUDA device {index}: 1 visible")
+        calls.append((state.clone(), index))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", fake_set)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", fake_set)
+    state = train.rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    state["cuda"] = saved
+    train.set_rng_state(state, torch.device("cuda", 0))
+    assert len(calls) == 1 and torch.equal(calls[0][0], saved[0]) and calls[0][1] == 0
+    mine = torch.full((16,), 9, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("one state per visible GPU saved"))
+    state = train.rng_state(torch.device("cuda", 0))
+    assert torch.equal(state["cuda"], mine)
+    calls.clear()
+    train.set_rng_state(state, torch.device("cuda", 0))
+    assert len(calls) == 1 and torch.equal(calls[0][0], mine)
+
+
+def test_training_step_reads_nothing_back_from_the_device(tiny_shards, monkeypatch, one_thread):
+    """The loss logged its parts with .tolist() before backward(): a GPU sync every step. Now
+    the step reads no tensor on the host (tolist, item and float conversion are forbidden here)."""
+    settings = train.resolve_settings({**TINY, "class_balance": True})
+    args = train.get_args_parser().parse_args(["--shards", str(tiny_shards), "--out", "unused"])
+    trainer = train.Trainer(args, settings, torch.device("cpu"))
+    trainer.micro = 3  # three micro-batches (3, 3, 2) of the batch of 8
+    loader, _ = train.train_loader(tiny_shards, "train", settings, trainer.train_index, 0, None, False)
+    batch = next(iter(loader))
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a tensor read on the host during the training step")
+
+    for name in ("tolist", "item", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    parts = trainer.train_step(batch)
+    monkeypatch.undo()
+    assert parts.shape == (len(train.LOSS_PARTS),) and torch.isfinite(parts).all() and parts[0] > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,9 +380,10 @@ def _run(cmd: list[str]) -> None:
     assert res.returncode == 0, res.stderr[-4000:]
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers):
-    settings = {**TINY, "workers": workers}
+@pytest.mark.parametrize("workers, micro", [(0, 3), pytest.param(2, "auto", marks=pytest.mark.slow)])
+def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers, micro):
+    """micro 3: batches of 8 in micro-batches of 3, 3, 2; checkpoints fall on optimiser steps."""
+    settings = {**TINY, "workers": workers, "micro_batch": micro}
     ref_out, cut_out = tmp_path / "uninterrupted", tmp_path / "killed"
     # start the reference run and the run to be killed side by side
     ref = subprocess.Popen(train_cmd(tiny_shards, ref_out, settings), env=child_env(),
@@ -168,16 +406,11 @@ def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers)
     assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
     for key, value in a["model_state_dict"].items():
         assert torch.equal(value, b["model_state_dict"][key]), key
-    la = torch.load(ref_out / "last.pt", weights_only=True)
-    lb = torch.load(cut_out / "last.pt", weights_only=True)
-    assert torch.equal(la["criterion"]["affinity.centers"], lb["criterion"]["affinity.centers"])
-    for pid, state in la["optimizer"]["state"].items():
-        for name, tensor in state.items():
-            assert torch.equal(tensor, lb["optimizer"]["state"][pid][name]), (pid, name)
-    assert la["global_step"] == lb["global_step"]
-    hist_a = [{k: v for k, v in r.items() if k not in ("train_img_per_s",)} for r in la["history"]]
-    hist_b = [{k: v for k, v in r.items() if k not in ("train_img_per_s",)} for r in lb["history"]]
-    assert hist_a == hist_b
+    assert not (ref_out / "last.pt").exists() and not (cut_out / "last.pt").exists()
+    timing = ("train_img_per_s", "peak_mem_gib")
+    hist_a = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((ref_out / "history.csv").open())]
+    hist_b = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((cut_out / "history.csv").open())]
+    assert hist_a == hist_b and len(hist_a) == settings["epochs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,3 +449,82 @@ def test_small_dan_learns_synthetic_task(tmp_path, one_thread):
     assert f1 >= 0.9
     assert min(ccc) >= 0.8
     assert float(rows[-1]["val_expr_f1"]) == pytest.approx(f1, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's settings
+
+
+PAPER = REPO / "config.paper.yaml"
+
+
+def test_paper_settings_plan_as_jobs_on_a_workstation_and_on_slurm(tmp_path):
+    """config.yaml + config.paper.yaml (the paper's settings verbatim) pass the schema; a dry run
+    plans six training jobs of one GPU each; with gpus_per_variant 2 each asks for two GPUs and
+    runs under torchrun, on SLURM as one task on one node."""
+    import yaml
+    from workflow_helpers import CONFIG, snakemake
+
+    paper = yaml.safe_load(PAPER.read_text())["training"]
+    assert {k: paper[k] for k in ("backbone", "input_size", "batch_size", "epochs", "lr", "weight_decay", "heads")} \
+        == {"backbone": "resnet50", "input_size": 224, "batch_size": 1024, "epochs": 8, "lr": 1e-4,
+            "weight_decay": 1e-4, "heads": 4}
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "resnet50_ft_weight.pkl").write_bytes(b"")  # the dry run checks it exists
+    out = snakemake(tmp_path, "-n", "-p", "--resources", "gpu=6", configs=(CONFIG, PAPER)).stdout
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out, re.M))
+    assert jobs["train_variant"] == "6" and jobs["predict_variant"] == "6"
+    train_jobs = re.findall(r"rule train_variant:.*?Shell command: ([^\n]*)", out, re.S)
+    assert len(train_jobs) == 6
+    assert all(c.startswith("OMP_NUM_THREADS=") and " python -m ferflow.train " in c for c in train_jobs)
+    two = tmp_path / "two.yaml"
+    two.write_text("training:\n  gpus_per_variant: 2\n")
+    for profile in ((), ("--workflow-profile", str(REPO / "profiles" / "slurm"))):
+        out = snakemake(tmp_path, "-n", "-p", "--resources", "gpu=6", *profile, configs=(CONFIG, PAPER, two)).stdout
+        blocks = re.findall(r"rule train_variant:.*?Shell command: [^\n]*", out, re.S)
+        assert len(blocks) == 6
+        for block in blocks:
+            assert re.search(r"resources: .*gpu=2", block), block
+            assert "python -m ferflow.devices --gpus 2 -- python -m torch.distributed.run --standalone " \
+                   "--nproc-per-node 2 -m ferflow.train" in block
+            if profile:
+                assert "slurm_partition=gpu" in block and "nodes=1" in block
+
+
+@pytest.mark.slow
+def test_paper_settings_reach_the_first_optimiser_step_on_the_cpu(tmp_path):
+    """The paper's settings (batch 1024 of ResNet-50 at 224 px) at a toy dataset size, with
+    micro_batch auto under a memory cap that holds 4 samples: the plan is logged before the first
+    step, which is then taken in micro-batches of 4 (pretrained weights left out: none here)."""
+    import yaml
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, {"train": 12}, per_shard=12, size=64)
+    settings = {**yaml.safe_load(PAPER.read_text())["training"], "name": "paper", "seed": 1,
+                "pretrained": None, "workers": 0}
+    resolved = train.resolve_settings(settings)
+    from ferflow.model import build_model
+    from ferflow.losses import DANLoss
+
+    model = build_model(resolved).train()
+    fixed, per_sample = train.estimate_step_bytes(model, DANLoss(), 224, torch.device("cpu"))
+    del model
+    env = {**child_env(), train.ENV_MEMORY: str((fixed + 4.5 * per_sample) / 0.9 / 2**30)}
+    proc = subprocess.Popen(train_cmd(shards, tmp_path / "out", settings), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "first optimiser step done" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "".join(lines)
+    assert "first optimiser step done" in text, text[-4000:]
+    plan = re.search(r"memory plan: batch 1024 in (\d+) micro-batch\(es\) of (\d+)", text)
+    assert plan and plan.group(2) == "4", text[-4000:]
+    assert "BatchNorm statistics, the CCC and the partition loss are computed per micro-batch of 4" in text
+    assert re.search(r"first optimiser step done: measured peak memory [0-9.]+ GiB on cpu \(estimated [0-9.]+ GiB\), "
+                     r"micro-batch 4", text)

@@ -55,7 +55,40 @@ from .shardio import list_shards, shard_samples
 
 
 SHUFFLE_BUFFER = 2000
-PREFETCH = 4  # batches in flight per loader worker
+PREFETCH = 4  # batches in flight per loader worker, when shared memory allows
+SHM = "/dev/shm"  # where torch's shared-memory tensors live (shm_open)
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous part ``[start, stop)`` of a global batch of ``n`` that ``rank`` of ``world``
+    trains on: every sample in exactly one rank's part, sizes differing by at most one."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def shm_free_bytes(path: str = SHM) -> int:
+    """Free bytes of the shared-memory filesystem (``statvfs``); 0 when it cannot be read."""
+    import os
+
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def ring_slots(workers: int, slot_bytes: int, free: int) -> int:
+    """Batch slots per loader worker: ``PREFETCH + 2`` when they take at most half of the free
+    shared memory, fewer when not, down to 3 (one batch in flight, one being written, one in the
+    main process). Raises RuntimeError, naming /dev/shm and the sizes, when even 3 slots per
+    worker do not fit in ``free`` bytes (a container's default 64 MB /dev/shm: a bus error hours
+    later otherwise)."""
+    need = 3 * workers * slot_bytes
+    if need > free:
+        raise RuntimeError(
+            f"{SHM} has {free / 2**20:.1f} MiB free; the loader needs {need / 2**20:.1f} MiB of shared memory "
+            f"({workers} workers x 3 batch slots x {slot_bytes / 2**20:.2f} MiB): give the container more shared "
+            f"memory (docker run --shm-size=..., or a larger /dev/shm), or use fewer workers")
+    return int(max(3, min(PREFETCH + 2, (free // 2) // (workers * slot_bytes))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +264,8 @@ class ShardStream(IterableDataset):
     shuffle_buffer: int = SHUFFLE_BUFFER
     position: DataPosition | None = None
     class_balance: bool = False
+    rank: int = 0
+    world: int = 1
     _transform: Any = field(default=None, repr=False)
     _weight: Any = field(default=None, repr=False)
     _ring: Any = field(default=None, repr=False)  # per worker: (slots, B, H, W, 3) uint8 in shared memory
@@ -290,9 +325,10 @@ class ShardStream(IterableDataset):
         (in shared memory inside a worker, so that it reaches the main process without another
         copy, as torch's default_collate does), returned as NCHW with channels-last strides."""
         n, size = len(samples), self.input_size
-        images, slot = self._images(n)
+        a, b = rank_slice(n, self.rank, self.world)  # this rank decodes only its part; labels: all
+        images, slot = self._images(b - a)
         buf = images.numpy()
-        for i, s in enumerate(samples):
+        for i, s in enumerate(samples[a:b]):
             rng = None
             if self.train and self.augment:
                 rng = HashDraws("aug", self.seed, self.epoch, s["key"], s["rep"])
@@ -301,15 +337,17 @@ class ShardStream(IterableDataset):
             except ValueError as exc:
                 raise ValueError(f"{self.index.shard[s['row']]}: sample {s['key']!r}: {exc}") from None
         rows = np.array([s["row"] for s in samples], dtype=np.int64)
+        part = {"part": (a, b)} if self.world > 1 else {}
         if slot is not None:  # numpy, not tensors: a tensor sent by a worker costs a shared-memory segment
             return {"expr": self.index.expr[rows], "va": self.index.va[rows], "weight": self._weight[rows],
-                    "key": [s["key"] for s in samples], "_slot": slot}
+                    "key": [s["key"] for s in samples], "_slot": slot, **part}
         return {
             "image": images.permute(0, 3, 1, 2),
             "expr": torch.from_numpy(self.index.expr[rows]),
             "va": torch.from_numpy(self.index.va[rows]),
             "weight": torch.from_numpy(self._weight[rows]),
             "key": [s["key"] for s in samples],
+            **part,
         }
 
     # --- the batch images' memory
@@ -320,10 +358,17 @@ class ShardStream(IterableDataset):
         slot's number; :class:`Loader` copies the images out in the main process and frees the
         slot. This replaces a fresh shared-memory tensor per batch (new pages, mapped and zeroed
         for every batch: as costly as decoding the images, see ``bench/loader.py``)."""
-        s, b = self.input_size, self.batch_size
+        s, b = self.input_size, self.slot_images()
         ctx = torch.multiprocessing.get_context()
         self._ring = [torch.empty((slots, b, s, s, 3), dtype=torch.uint8).share_memory_() for _ in range(self.workers)]
         self._free = [ctx.BoundedSemaphore(slots) for _ in range(self.workers)]
+
+    def slot_images(self) -> int:
+        """Images per batch slot: this rank's largest part of a batch."""
+        return max(b - a for a, b in (rank_slice(self.batch_size, r, self.world) for r in range(self.world)))
+
+    def slot_bytes(self) -> int:
+        return self.slot_images() * self.input_size**2 * 3
 
     def _images(self, n: int) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
         info = get_worker_info()
@@ -495,6 +540,8 @@ def make_loader(
     shuffle_buffer: int = SHUFFLE_BUFFER,
     class_balance: bool = False,
     borrow: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[Loader, ShardStream]:
     """A DataLoader over ``split`` and the ShardStream behind it (for sizes and positions).
 
@@ -503,6 +550,11 @@ def make_loader(
     class frequencies (over the samples the stream keeps), for the loss's ``sample_weight``.
     ``borrow``: each batch's images are valid only until the next batch is asked for (see
     :class:`Loader`); for a loop that is done with a batch before it asks for the next.
+    ``rank``/``world``: every rank reads the same global batches (same order, same draws) and
+    decodes only its part (:func:`rank_slice`): ``image`` holds that part, ``part`` its bounds,
+    and ``expr``/``va``/``weight``/``key`` stay the whole batch's (the loss's denominators).
+    With workers, each keeps a few batch slots in shared memory (:func:`ring_slots`, sized from
+    the batch, the workers and the free space of /dev/shm; an error at once when too small).
     """
     shards = list_shards(shard_dir, split)
     if not shards:
@@ -523,12 +575,16 @@ def make_loader(
         shuffle_buffer=shuffle_buffer,
         position=position,
         class_balance=class_balance,
+        rank=rank,
+        world=world,
     )
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(prefetch_factor=PREFETCH, persistent_workers=False)
-        # each worker has at most PREFETCH batches in flight, and the main process copies one
-        stream.attach_ring(PREFETCH + 2)
+        slots = ring_slots(workers, stream.slot_bytes(), shm_free_bytes())
+        # each worker has at most slots - 2 batches in flight, one being written, and the main
+        # process holds one
+        kwargs.update(prefetch_factor=slots - 2, persistent_workers=False)
+        stream.attach_ring(slots)
     if position is not None:  # the stream reads it; the caller's copy advances independently
         stream.position = DataPosition.from_state(position.state_dict())
     # pinning happens when the images are copied out of their slot (workers) or below (no workers)

@@ -185,8 +185,9 @@ class DANLoss(nn.Module):
     ``class_weights`` (num_classes,) go to the focal loss.
 
     ``forward(out, expr_target (B,) int64 with -1 = no label, va_target (B, 2) float with NaN = no
-    label, sample_weight=None)`` returns ``(total, parts)``; ``parts`` holds floats (unweighted
-    loss values, and the weighted ``total``) for logging, with 0.0 for parts the task does not use
+    label, sample_weight=None, batch_totals=None)`` returns ``(total, parts)``; ``parts`` holds detached 0-d float32
+    tensors on the loss's device, read on the host only when logged (unweighted loss values, and
+    the weighted ``total``), with 0 for parts the task does not use
     or whose weight is 0 (those are not computed, so unused parameters get no gradient at all).
 
     This module has parameters (the affinity centers): the trainer must add
@@ -231,10 +232,32 @@ class DANLoss(nn.Module):
     def uses_va(self) -> bool:
         return self.task in ("va", "both")
 
-    def forward(self, out, expr_target: Tensor, va_target: Tensor,
-                sample_weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    @staticmethod
+    def weight_totals(expr_target: Tensor, va_target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        """(4,) float32 on the targets' device: the summed sample weight of the samples with an
+        expression label, with a valence label, with an arousal label, and of all samples.
+        Computed without a host sync; the denominators of a whole batch for ``forward``'s
+        ``batch_totals`` when the batch is fed in micro-batches."""
+        expr_target = torch.as_tensor(expr_target)
+        va_target = torch.as_tensor(va_target, device=expr_target.device)
+        w = (torch.ones(expr_target.shape, device=expr_target.device) if sample_weight is None else
+             torch.as_tensor(sample_weight, device=expr_target.device, dtype=torch.float32))
+        return torch.cat([(w * (expr_target >= 0)).sum()[None],
+                          (w[:, None] * torch.isfinite(va_target)).sum(0), w.sum()[None]]).float()
+
+    def forward(self, out, expr_target: Tensor, va_target: Tensor, sample_weight: Tensor | None = None,
+                batch_totals: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         device = out.expr.device
         parts: dict[str, Tensor] = {}
+        share = None
+        if batch_totals is not None:
+            # This call sees one micro-batch of a batch whose :meth:`weight_totals` are
+            # ``batch_totals``: each part is scaled by the micro-batch's share of its weight, so
+            # that the per-sample means (focal, affinity) summed over the micro-batches equal the
+            # whole batch's. CCC and partition are batch statistics: computed per micro-batch.
+            mine = self.weight_totals(torch.as_tensor(expr_target, device=device),
+                                      torch.as_tensor(va_target, device=device), sample_weight)
+            share = mine / batch_totals.to(device).clamp_min(_DIV_EPS)
         if self.uses_expr and (self.loss_weights["expr"] or self.loss_weights["affinity"]):
             expr_target = torch.as_tensor(expr_target, device=device).long()
             if self.loss_weights["expr"]:
@@ -242,15 +265,26 @@ class DANLoss(nn.Module):
                                            self.class_weights, sample_weight)
             if self.loss_weights["affinity"]:
                 parts["affinity"] = self.affinity(out.features, expr_target, sample_weight)
+            if share is not None:
+                parts.update({k: parts[k] * share[0] for k in ("expr", "affinity") if k in parts})
         if self.uses_va and self.loss_weights["va"]:
-            parts["va"] = ccc_loss(out.va, torch.as_tensor(va_target, device=device), sample_weight)
+            va_target = torch.as_tensor(va_target, device=device)
+            if share is None:
+                parts["va"] = ccc_loss(out.va, va_target, sample_weight)
+            else:
+                present = (batch_totals[1:3].to(device) > 0).float()
+                ccc = ccc_per_column(out.va, va_target, sample_weight)
+                parts["va"] = ((1.0 - ccc) * share[1:3] * present).sum() / present.sum().clamp_min(1.0)
         if self.loss_weights["partition"]:
             parts["partition"] = partition_loss(out.heads, sample_weight)
+            if share is not None:
+                parts["partition"] = parts["partition"] * share[3]
         # Only the parts in use enter the graph, so unused parameters get no gradient (None, not
         # zero: weight decay leaves them alone). All weights zero: a zero still attached to it.
         weighted = [self.loss_weights[k] * v for k, v in parts.items()]
         total = torch.stack(weighted).sum() if weighted else out.heads.float().sum() * 0.0
+        # Logged values stay 0-d tensors on the loss's device: reading them on the host here (as
+        # ``.tolist()`` did) would make every training step wait for the GPU before backward().
         zero = torch.zeros((), device=device)
         logged = [parts.get(k, zero).detach() for k in LOSS_KEYS] + [total.detach()]
-        values = torch.stack(logged).tolist()
-        return total, dict(zip(LOSS_KEYS + ("total",), values))
+        return total, dict(zip(LOSS_KEYS + ("total",), logged))

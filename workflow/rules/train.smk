@@ -1,4 +1,20 @@
-# One training job per bagged variant (one GPU each), then its predictions for the evaluation split.
+# One training job per bagged variant, then its predictions for the evaluation split. A variant with
+# `gpus_per_variant: k` (k > 1) asks for k GPUs and runs as k torchrun ranks (DistributedDataParallel):
+# `python -m ferflow.devices` claims the k GPUs for the whole job and starts torchrun under the claim.
+
+
+def variant_gpus(name):
+    return int(variant_settings_dict(name).get("gpus_per_variant", 1))
+
+
+def train_launcher(wildcards):
+    k = variant_gpus(wildcards.variant)
+    if k == 1:
+        return "python"
+    return (f"python -m ferflow.devices --gpus {k} -- python -m torch.distributed.run --standalone"
+            f" --nproc-per-node {k}")
+
+
 rule train_variant:
     input:
         shards=f"{RESULTS}/shards",
@@ -11,18 +27,20 @@ rule train_variant:
         out=lambda wc: f"{RESULTS}/models/{wc.variant}",
         code=code_version("train"),
         **keyed_params("training", variant_setting_keys(), lambda wc: variant_settings_dict(wc.variant)),
+        launch=train_launcher,
+        rank_threads=lambda wc, threads: max(1, threads // variant_gpus(wc.variant)),
     log:
         "logs/train_variant/{variant}.log",
-    threads: 4  # capped at --cores by Snakemake
+    threads: lambda wc: 4 * variant_gpus(wc.variant)  # 4 per rank, capped at --cores by Snakemake
     resources:
-        mem_mb=16000,
+        mem_mb=lambda wc: 16000 * variant_gpus(wc.variant),
         runtime=24 * 60,
-        gpu=1,
+        gpu=lambda wc: variant_gpus(wc.variant),
     conda:
         "../../envs/ferflow.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m ferflow.train --shards {input.shards:q} --settings {params.settings:q}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={params.rank_threads} {params.launch} -m ferflow.train --shards {input.shards:q}"
+        " --settings {params.settings:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule predict_variant:
