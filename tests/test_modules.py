@@ -64,7 +64,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def stage_modules() -> set[str]:
     rules = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
-    return set(re.findall(r"python -m ferflow\.(\w+)", rules))
+    # `python -m ferflow.X`, or `{params.launch} -m ferflow.X` (training: python, or the device claim
+    # `python -m ferflow.devices --gpus k -- torchrun`, a launcher and not a stage)
+    found = set(re.findall(r"(?:python|\{params\.launch\}) -m ferflow\.(\w+)", rules))
+    return found - {"devices"}
 
 
 def test_find_cycle_finds_a_circle_and_passes_a_tree():

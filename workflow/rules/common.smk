@@ -390,3 +390,16 @@ def annotate_outputs(names):
 wildcard_constraints:
     variant="[A-Za-z0-9_-]+",
     split="train|validation|test",
+
+
+# ---- training launch (train.smk) --------------------------------------------------------
+def variant_gpus(name):
+    return int(variant_settings_dict(name).get("gpus_per_variant", 1))
+
+
+def train_launcher(wildcards):
+    k = variant_gpus(wildcards.variant)
+    if k == 1:
+        return "python"
+    return (f"python -m ferflow.devices --gpus {k} -- python -m torch.distributed.run --standalone"
+            f" --nproc-per-node {k}")

@@ -3,18 +3,6 @@
 # `python -m ferflow.devices` claims the k GPUs for the whole job and starts torchrun under the claim.
 
 
-def variant_gpus(name):
-    return int(variant_settings_dict(name).get("gpus_per_variant", 1))
-
-
-def train_launcher(wildcards):
-    k = variant_gpus(wildcards.variant)
-    if k == 1:
-        return "python"
-    return (f"python -m ferflow.devices --gpus {k} -- python -m torch.distributed.run --standalone"
-            f" --nproc-per-node {k}")
-
-
 rule train_variant:
     input:
         shards=f"{RESULTS}/shards",
