@@ -12,7 +12,6 @@ rule index_source:
         source=lambda wc, output: as_json(SOURCES[wc.source]),
         on_unusable=config["on_unusable_input"],
         content=lambda wc: content_param(index_inputs(wc)),  # annotation files and test list, by content
-        videos=lambda wc: content_param(index_videos(wc), whole=False),  # size + first and last MiB
         code=code_version("index"),
         **keyed_params("source", set().union(*SOURCES.values()), lambda wc: SOURCES[wc.source]),
     log:
