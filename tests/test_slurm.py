@@ -30,9 +30,10 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 PROFILE = REPO / "profiles" / "slurm"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-GPU_RULES = {"train_variant", "predict_variant"}
+GPU_RULES = {"train_variant", "predict_variant", "annotate_video"}
 SUBMITTED = {"extract_video_faces": 4, "extract_image_faces": 2, "write_shards": 1, "train_variant": 2,
-             "predict_variant": 2, "evaluate_ensemble": 1, "report_evaluation": 1}  # make_demo and index_source are localrules
+             "predict_variant": 2, "evaluate_ensemble": 1, "report_evaluation": 1,
+             "annotate_video": 1}  # the demo ends by annotating one video; make_demo and index_source are localrules
 
 # a faster tiny run: every job's status is polled at growing intervals (2, 12, 22 s, ...), so a
 # training job that ends within ~35 s of its submission saves a whole polling round
