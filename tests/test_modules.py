@@ -6,33 +6,19 @@ stage modules are the ones the workflow's rules run (``python -m ferflow.<stage>
 ``workflow/rules/*.smk``), so the list follows the rules rather than this file.
 """
 
-import ast
 import re
 from pathlib import Path
+
+from ferflow.codeversion import module_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "ferflow"
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The ferflow modules that the file at ``path`` imports (anywhere in it)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1 or node.module == "ferflow":
-                found.update(a.name for a in node.names)
-            elif node.module and node.module.startswith("ferflow."):
-                found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ferflow."))
-    return found & known
-
-
 def import_graph() -> dict[str, set[str]]:
-    files = {p.stem: p for p in SRC.glob("*.py") if p.stem != "__init__"}
-    return {name: imports_of(path, set(files)) for name, path in files.items()}
+    # the code-version hash reads imports the same way (ferflow.codeversion): one reader serves both
+    files = {p.stem for p in SRC.glob("*.py") if p.stem != "__init__"}
+    return {name: module_imports(SRC, name) - {"__init__"} for name in files}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -83,7 +69,9 @@ def test_imports_of_sees_lazy_and_absolute_imports(tmp_path):
         "def f():\n    from ferflow import plots\n    from ferflow.truth import Y\n"
     )
     known = {"atomic", "schemas", "labels", "metrics", "plots", "truth", "data"}
-    assert imports_of(src, known) == known - {"data"}
+    for name in known:
+        (tmp_path / f"{name}.py").write_text("")
+    assert module_imports(tmp_path, "m") == known - {"data"}
 
 
 def test_the_package_has_no_import_circle():
