@@ -178,3 +178,20 @@ def test_keys_are_stable_when_data_is_added(tmp_path):
     # the accounting of the old rows is unchanged too (fates and keys)
     acc_cols = ["source", "split", "video", "frame", "status", "reason", "key"]
     assert before.select(acc_cols).join(after.select(acc_cols), on=acc_cols, how="anti", nulls_equal=True).height == 0
+
+
+def test_a_unit_with_usable_frames_and_no_faces_table_is_an_error_naming_the_table(tmp_path):
+    """A faces table in a folder not named after its source (or none at all) must not turn every
+    frame of its unit into ``unreadable_video``: the stage stops, naming the table it expected."""
+    import polars as pl
+    import pytest
+
+    from ferflow.shards import AccountingError, check_faces_units
+
+    manifest = pl.DataFrame({"source": ["aw", "aw", "aw"], "unit": ["X", "X", "H"],
+                             "drop": [None, None, "no_video"]}, schema={"source": pl.String, "unit": pl.String,
+                                                                        "drop": pl.String})
+    with pytest.raises(AccountingError, match=r"no faces table for 1 unit\(s\) with usable frames, e\.g\. aw/X: "
+                                              r"expected <faces>/aw/X\.parquet"):
+        check_faces_units(manifest, [str(tmp_path / "elsewhere" / "X.parquet")])
+    check_faces_units(manifest, [str(tmp_path / "aw" / "X.parquet")])  # H has no usable row: no table needed
