@@ -194,3 +194,46 @@ def test_no_metrics_json_is_said_not_silent(tmp_path, monkeypatch):
     assert any(line.startswith("WARNING: no metrics.json found") for line in run.sources), run.sources
     quiet = run_config(None, None, tmp_path / "models", smoothing=False)
     assert not any("metrics.json" in line for line in quiet.sources)
+
+
+def test_folded_batchnorm_runner_equals_the_unfolded_ensemble(tmp_path):
+    """TorchRunner folds every Conv+BN (and Linear+BN1d inside the heads) for inference: the
+    per-variant outputs equal the unfolded network's on random crops, probabilities within 1e-5.
+    VA within 1e-4 (the ONNX test's bound): with these untrained heads the values before VA's
+    BatchNorm reach the hundreds, and float32 rounding alone (the unfolded network in channels-last
+    instead of NCHW) already moves VA by ~2e-5."""
+    import torch
+    from torch import nn
+
+    from ferflow.inference import TorchRunner, fold_batchnorm, load_ensemble
+
+    net = load_ensemble(write_models(tmp_path / "models"))
+    # realistic BatchNorm statistics (not the init's 0/1): the mean over a few random batches
+    rng = np.random.default_rng(0)
+    calib = [torch.from_numpy(rng.integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)) for _ in range(3)]
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    with torch.no_grad():
+        for x in calib:
+            net(x)
+    net.eval()
+    assert any(float(m.running_var.min()) < 0.5 or float(m.running_var.max()) > 2 for m in bns)
+    x = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    with torch.no_grad():
+        _, _, want_p, want_va = net(torch.from_numpy(x))
+    runner = TorchRunner(net)
+    got_p, got_va = runner(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.net.modules())  # all folded
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in bns)  # the caller's network is left as it was
+    assert got_p.shape == (2, 6, 8) and got_va.shape == (2, 6, 2)
+    assert np.abs(got_p - want_p.transpose(0, 1).numpy()).max() <= 1e-5
+    assert np.abs(got_va - want_va.transpose(0, 1).numpy()).max() <= 1e-4
+    unfolded_p, unfolded_va = TorchRunner(net, fold=False)(x)
+    assert np.abs(unfolded_p - want_p.transpose(0, 1).numpy()).max() <= 1e-5
+    assert np.abs(unfolded_va - want_va.transpose(0, 1).numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(net.train())

@@ -20,6 +20,7 @@ that they equal ``soft_vote`` of the per-variant outputs.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -157,22 +158,58 @@ class Ensemble:
         return [m.name for m in self.members]
 
 
-class TorchRunner:
-    """An :class:`EnsembleNet` on PyTorch: ``runner(images)`` -> per-variant probs and VA (numpy)."""
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` (eval mode) with every BatchNorm that follows a Conv or Linear folded into it, in place.
 
-    def __init__(self, net: EnsembleNet, device: torch.device | str = "cpu"):
+    Inference only: the folded layer computes ``bn(conv(x))`` with one convolution (weights
+    ``w * gamma / sqrt(var + eps)``, bias ``(b - mean) * gamma / sqrt(var + eps) + beta``), so the
+    BatchNorm's pass over the feature map is saved. The folding is torch.fx's
+    (``torch.fx.experimental.optimization.fuse``), applied to each child that fx can trace and
+    recursively into the children of one it cannot (e.g. :class:`ferflow.model.DAN` itself, whose
+    forward has shape checks and an autocast region, stays as it is, its ResNet trunk and attention
+    heads are folded). Outputs equal the unfolded module's up to float32 rounding
+    (``tests/test_annotate.py`` checks 1e-5). The result must not be trained (no BatchNorm left).
+    """
+    from torch.fx.experimental.optimization import fuse
+    from torch.fx.proxy import TraceError
+
+    if module.training:
+        raise ValueError("fold_batchnorm: the module must be in eval mode (BatchNorm's running statistics)")
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) or not any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in child.modules()):
+            continue  # nothing to fold (into)
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers without a forward
+            fold_batchnorm(child)
+            continue
+        try:
+            setattr(module, name, fuse(child, inplace=True))
+        except TraceError:  # data-dependent control flow: fold what lies below it
+            fold_batchnorm(child)
+    return module
+
+
+class TorchRunner:
+    """An :class:`EnsembleNet` on PyTorch: ``runner(images)`` -> per-variant probs and VA (numpy).
+
+    The runner works on a copy of ``net`` with its BatchNorms folded (:func:`fold_batchnorm`;
+    ``fold=False`` keeps them) and its weights channels-last (oneDNN's and cuDNN's preferred layout).
+    """
+
+    def __init__(self, net: EnsembleNet, device: torch.device | str = "cpu", fold: bool = True):
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.net.to(memory_format=torch.channels_last)
+        net = net.eval()
+        if fold:
+            net = fold_batchnorm(copy.deepcopy(net))
+        self.net = net.to(self.device).to(memory_format=torch.channels_last)
         self.ensemble = Ensemble(tuple(net.members), net.members[0].input_size)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 ``(N, 3, S, S)`` -> ``(variant_probs (V, N, 8), variant_va (V, N, 2))`` float32."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 _, _, p, va = self.net(x)
         else:
