@@ -1,24 +1,40 @@
 """Benchmark of ``ferflow annotate`` against a plain per-frame loop of the same components.
 
-On the demo's two-person video (``105-30-480x270``: 480x270, 30 fps, two faces moving; ``--frames``
-of it), with the demo's ensemble (three DAN variants as in ``config.yaml``: ResNet-18, 4/4/2 heads,
-112 px input; untrained weights, since the time does not depend on their values) and the demo's
-detector (OpenCV's Haar cascade), in one process:
+On the demo's two-person video (``105-30-480x270``: 480x270, 30 fps, two faces moving; the first
+``--frames`` of it), with the demo's ensemble (three DAN variants as in ``config.yaml``: ResNet-18,
+4/4/2 heads, 112 px input; untrained weights, since the time does not depend on their values), in
+one process, on the CPU:
 
-- **annotate**: :func:`ferflow.annotate.annotate_video` end to end (decode, detect every 5th frame
-  and where a track starts, ends or jumps, track every face, crop, all variants on batches of
-  ``--batch-size`` crops, soft vote, smoothing, the table written; no plot, no video);
-- **loop**: the same components the plain way: decode each frame, detect on every frame, crop each
-  face, run each variant on that one crop, average the variants (no tracking, no batching).
+- **annotate**: :func:`ferflow.annotate.annotate_video` end to end (decode, detect every
+  ``detect_every``-th frame (5, the pipeline's default) and where a track starts, ends or jumps,
+  track every face between detections, crop, all variants on batches of ``--batch-size`` crops,
+  soft vote, smoothing, the table written; no plot, no video). Detecting keyframes and tracking
+  between them is the product's design, so the ratio includes what it saves;
+- **plain loop**: the same components the plain way: decode each frame, detect on every frame (one
+  frame per detector call), crop each face, run each variant on that one crop and average the
+  variants (no tracking, no batching).
 
-Both run with the same threads, on the PyTorch backend and on the ONNX backend (the same
-ensemble exported by ``ferflow export``, on onnxruntime; the loop calls its session with one crop).
-Each round times loop and annotate back to back, the order alternating between rounds (ABBA); the
-ratio of a round is annotate's frames/s over the loop's, and the median over the rounds is
-reported with its range. Frames/s counts the video's frames (both handle every frame).
+Same components: the detector of the run's config (``extract.detector``, MTCNN in the demo's
+``config.yaml``: the headline) and, labelled as such, OpenCV's Haar cascade; the same networks
+on both sides (the PyTorch backend's ``TorchRunner``: BatchNorm folded into the convolutions,
+channels-last; the loop calls its variants one crop at a time), and the ONNX backend (the
+ensemble written by ``ferflow export`` on onnxruntime; the loop calls its session with one crop
+and reads the graph's vote). Each side's time is also split (timers around the detector and
+network calls) into detector, networks and the rest (decoding, tracking, crops, table), so the
+output says where the time goes on each side.
 
-    python bench/annotate.py                       # 150 frames, 4 rounds: a few minutes on 2 CPU cores
-    python bench/annotate.py --frames 30 --rounds 2 --backends torch   # a quick look
+Threads: ``--threads`` (default 1) for PyTorch and onnxruntime on both sides. On a shared 2-core
+machine two threads make the loop's one-crop calls stall at OpenMP barriers whenever another job
+holds a core (measured 2.2-5.2 s per crop with 2 threads against 0.23-0.30 s with 1, load 11):
+the ratio would then measure the load, not the code.
+
+Rounds (``bench/_abba.py``): per detector, the sides (loop and annotate per backend) run in a
+palindromic order, one cost per side per round; the ratio of a round is the loop's seconds over
+annotate's (both handle every frame of the same video: the frames/s ratio); the median over the
+rounds with its range is printed, the load average first.
+
+    python bench/annotate.py                      # 60 frames, 3 rounds, MTCNN and Haar, torch and onnx
+    python bench/annotate.py --quick              # smoke mode: 8 frames, 1 round (numbers mean little)
 """
 
 from __future__ import annotations
@@ -37,10 +53,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ferflow import annotate, demo, export, train  # noqa: E402
-from ferflow.detect import HaarDetector  # noqa: E402
-from ferflow.extract import ExtractSettings, read_frames  # noqa: E402
+from ferflow.extract import ExtractSettings, make_detector, read_frames  # noqa: E402
 from ferflow.inference import OnnxRunner, TorchRunner, load_ensemble  # noqa: E402
 from ferflow.model import build_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _abba import load_line, ratio_line, ratios, run_rounds  # noqa: E402
 
 VARIANTS = (("dan4_s1", 4), ("dan4_s2", 4), ("dan2_s3", 2))
 
@@ -61,6 +79,26 @@ def make_models(root: Path, input_size: int) -> Path:
     return root
 
 
+class Timer:
+    """Wraps a callable (a detector, a runner, a one-crop classifier): adds up the seconds spent in
+    it and the items handed to it; other attributes are the wrapped object's."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.seconds = 0.0
+        self.items = 0
+
+    def __call__(self, x):
+        t = time.perf_counter()
+        out = self.fn(x)
+        self.seconds += time.perf_counter() - t
+        self.items += len(x)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
 class OnnxOne:
     """The exported graph called the plain way: one crop per call, the vote read from the graph."""
 
@@ -73,14 +111,15 @@ class OnnxOne:
 
 
 class TorchOne:
-    """Each variant on one crop, the mean of their softmax and VA."""
+    """Each variant of the runner's (folded, channels-last) network on one crop, the mean of their
+    softmax and VA."""
 
     def __init__(self, runner: TorchRunner):
         self.models = list(runner.net.variants)
 
     @torch.inference_mode()
     def __call__(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(crop[None])
+        x = torch.from_numpy(crop[None]).contiguous(memory_format=torch.channels_last)
         probs, va = [], []
         for model in self.models:
             out = model(x)
@@ -89,69 +128,105 @@ class TorchOne:
         return torch.stack(probs).mean(0).numpy(), torch.stack(va).mean(0).numpy()
 
 
-def plain_loop(video: str, detector, settings: ExtractSettings, one, size: int) -> int:
-    """Detect every frame, classify each face on its own; returns the frames handled."""
-    n = 0
+def plain_loop(video: str, detector, settings: ExtractSettings, one, size: int) -> tuple[int, int]:
+    """Detect every frame, classify each face on its own; (frames, faces) handled."""
+    n = faces = 0
     results = []
     for _, frame in read_frames(video):
         for row in detector([frame])[0]:
             results.append(one(annotate.model_input(frame, row, settings, size)))
+            faces += 1
         n += 1
-    return n
+    return n, faces
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=150, help="frames of the demo video (at most 150)")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=60, help="frames of the demo video (at most 150)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--input-size", type=int, default=112)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=1, help="PyTorch and onnxruntime threads, both sides")
     ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--detectors", default="mtcnn,haar", help="mtcnn: the demo config's detector; haar")
+    ap.add_argument("--quick", action="store_true", help="smoke mode: 8 frames, 1 round")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.frames, args.rounds = 8, 1
+    print(load_line(), flush=True)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_annotate."))
     video = tmp / "two.mp4"
     n_frames = make_video(video, args.frames)
     models = make_models(tmp / "models", args.input_size)
-    settings = ExtractSettings(detector="haar")
-    detector = HaarDetector(detect_size=settings.detect_size)
     net = load_ensemble(models)
-    backends = {}
+    runners = {}
     for name in args.backends.split(","):
         if name == "torch":
             runner = TorchRunner(net)
-            backends[name] = (runner, TorchOne(runner))
+            runners[name] = (runner, TorchOne(runner))
         elif name == "onnx":
-            export.export_onnx(models, tmp / "ensemble.onnx", crop=export.crop_settings({"detector": "haar"}))
+            export.export_onnx(models, tmp / "ensemble.onnx", crop=export.crop_settings({"detector": "mtcnn"}))
             runner = OnnxRunner(tmp / "ensemble.onnx", args.threads)
-            backends[name] = (runner, OnnxOne(runner))
+            runners[name] = (runner, OnnxOne(runner))
         else:
             ap.error(f"unknown backend {name!r}")
+    every = ExtractSettings().detect_every
     print(f"video: demo 105-30-480x270, {n_frames} frames, 2 faces; ensemble {[v for v, _ in VARIANTS]} "
-          f"(ResNet-18, {args.input_size} px); Haar detector; {args.threads} threads; {args.rounds} rounds")
-    for name, (runner, one) in backends.items():
-        def ours():
-            out = annotate.annotate_video(video, tmp / "out", runner, settings, {"expr": 0, "va": 0}, detector,
-                                          args.batch_size, progress=False, plot=False)
-            return out.n_frames
+          f"(ResNet-18, {args.input_size} px, BatchNorm folded); {args.threads} thread(s); {args.rounds} rounds; "
+          f"annotate: batches of {args.batch_size} crops, detects every {every}th frame (and where a track starts, "
+          f"ends or jumps) and tracks between, the product's design; plain loop: detects every frame, "
+          f"one crop per network call", flush=True)
+    for det_name in args.detectors.split(","):
+        settings = ExtractSettings(detector=det_name, device="cpu", detect_every=every)
+        detector = make_detector(settings, "cpu")
+        label = "the demo config's detector" if det_name == "mtcnn" else "not the demo config's detector"
+        print(f"\n{det_name} ({label}):", flush=True)
+        timers: dict[str, tuple[Timer, Timer]] = {}
+        counts: dict[str, tuple[int, int]] = {}
+        sides = {}
+        for backend, (runner, one) in runners.items():
+            for kind in ("loop", "annotate"):
+                det_t = Timer(detector)
+                net_t = Timer(runner if kind == "annotate" else one)
+                side = f"{kind} {backend}"
+                timers[side] = (det_t, net_t)
 
-        def loop():
-            return plain_loop(str(video), detector, settings, one, args.input_size)
-
-        ours(), loop()  # warm-up (first-call set-up of each library), untimed
-        fps = {"annotate": [], "loop": []}
-        for r in range(args.rounds):
-            order = (("loop", loop), ("annotate", ours)) if r % 2 == 0 else (("annotate", ours), ("loop", loop))
-            for label, fn in order:
-                t0 = time.perf_counter()
-                frames = fn()
-                fps[label].append(frames / (time.perf_counter() - t0))
-        ratios = [a / b for a, b in zip(fps["annotate"], fps["loop"])]
-        print(f"[{name}] annotate {statistics.median(fps['annotate']):7.1f} frames/s, plain loop "
-              f"{statistics.median(fps['loop']):7.1f} frames/s (medians); ratio annotate / loop: median "
-              f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)",
-              flush=True)
+                def run(kind=kind, side=side, det_t=det_t, net_t=net_t) -> float:
+                    t = time.perf_counter()
+                    if kind == "annotate":
+                        out = annotate.annotate_video(video, tmp / "out", net_t, settings, {"expr": 0, "va": 0},
+                                                      det_t, args.batch_size, progress=False, plot=False)
+                        handled = (out.n_frames, int(out.table["track"].is_not_null().sum()))
+                    else:
+                        handled = plain_loop(str(video), det_t, settings, net_t, args.input_size)
+                    seconds = time.perf_counter() - t
+                    if handled[0] != n_frames:
+                        raise SystemExit(f"{side} handled {handled[0]} of {n_frames} frames")
+                    counts[side] = handled
+                    return seconds
+                sides[side] = run
+        for run in sides.values():  # warm-up (first-call set-up of each library), untimed
+            run()
+        for det_t, net_t in timers.values():
+            det_t.seconds = net_t.seconds = det_t.items = 0
+        per_round = run_rounds(sides, args.rounds, first=1)
+        seconds = {s: [r[s] for r in per_round] for s in sides}
+        for side, (det_t, net_t) in timers.items():
+            runs = 2 * args.rounds
+            total = sum(seconds[side])
+            print(f"  {side:14s} {statistics.median(seconds[side]) / 2:7.2f} s per run (median); detector "
+                  f"{100 * det_t.seconds / total:4.1f}%, networks {100 * net_t.seconds / total:4.1f}%, rest "
+                  f"{100 * (total - det_t.seconds - net_t.seconds) / total:4.1f}%; {det_t.items / runs:.0f} of "
+                  f"{n_frames} frames detected, {counts[side][1]} face crops classified", flush=True)
+        for backend in runners:
+            loop_fps = [2 * n_frames / s for s in seconds[f"loop {backend}"]]
+            ours_fps = [2 * n_frames / s for s in seconds[f"annotate {backend}"]]
+            print(f"  {backend}: annotate {statistics.median(ours_fps):.2f} frames/s, plain loop "
+                  f"{statistics.median(loop_fps):.2f} frames/s (medians)")
+            print("  " + ratio_line(f"{det_name}, {backend}, annotate / plain loop frames/s",
+                             ratios(per_round, f"loop {backend}", f"annotate {backend}"), goal="goal >= 5"),
+                  flush=True)
     return 0
 
 
