@@ -153,3 +153,19 @@ def test_extract_bench_smoke_mode():
     assert labels[1].startswith("same rounds, ours at batch 2")
     assert labels[2].startswith("settings, not implementation")
     assert "mean IoU of detect_every=5 boxes" in out
+
+
+@pytest.mark.slow
+def test_annotate_bench_smoke_mode():
+    out, ratios = run_bench("annotate.py", "--quick")
+    assert list(ratios) == [f"{d}, {b}, annotate / plain loop frames/s" for d in ("mtcnn", "haar")
+                            for b in ("torch", "onnx")]
+    assert "detects every 5th frame" in out and "plain loop: detects every frame" in out
+    # where the time goes: every side split into detector, networks and the rest, and the plain
+    # loop detected all 8 frames while annotate detected fewer
+    sides = re.findall(r"^  (loop|annotate) (torch|onnx) .*?detector +([0-9.]+)%, networks +([0-9.]+)%, rest +"
+                       r"(-?[0-9.]+)%; (\d+) of 8 frames detected", out, re.MULTILINE)
+    assert len(sides) == 8, out
+    for kind, _, det, nets, rest, detected in sides:
+        assert abs(float(det) + float(nets) + float(rest) - 100) < 0.3
+        assert (int(detected) == 8) if kind == "loop" else (int(detected) < 8)
