@@ -19,7 +19,8 @@ Same components: the detector of the run's config (``extract.detector``, MTCNN i
 on both sides (the PyTorch backend's ``TorchRunner``: BatchNorm folded into the convolutions,
 channels-last; the loop calls its variants one crop at a time), and the ONNX backend (the
 ensemble written by ``ferflow export`` on onnxruntime; the loop calls its session with one crop
-and reads the graph's vote). Each side's time is also split (timers around the detector and
+and reads the graph's vote). First, the PyTorch runner with BatchNorm folded is timed against the
+same runner unfolded on one batch of random crops (what the folding buys). Each side's time is also split (timers around the detector and
 network calls) into detector, networks and the rest (decoding, tracking, crops, table), so the
 output says where the time goes on each side.
 
@@ -58,7 +59,7 @@ from ferflow.inference import OnnxRunner, TorchRunner, load_ensemble  # noqa: E4
 from ferflow.model import build_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _abba import load_line, ratio_line, ratios, run_rounds  # noqa: E402
+from _abba import load_line, ratio_line, ratios, run_rounds, timed  # noqa: E402
 
 VARIANTS = (("dan4_s1", 4), ("dan4_s2", 4), ("dan2_s3", 2))
 
@@ -148,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=112)
     ap.add_argument("--threads", type=int, default=1, help="PyTorch and onnxruntime threads, both sides")
     ap.add_argument("--backends", default="torch,onnx")
-    ap.add_argument("--detectors", default="mtcnn,haar", help="mtcnn: the demo config's detector; haar")
-    ap.add_argument("--quick", action="store_true", help="smoke mode: 8 frames, 1 round")
+    ap.add_argument("--detectors", default="mtcnn,haar", help="mtcnn: the demo config's detector; haar (empty: none)")
+    ap.add_argument("--no-fold-check", action="store_true", help="skip timing the folded against the unfolded runner")
+    ap.add_argument("--quick", action="store_true", help="smoke mode: 8 frames, 1 round, batches of 8")
     args = ap.parse_args(argv)
     if args.quick:
-        args.frames, args.rounds = 8, 1
+        args.frames, args.rounds, args.batch_size = 8, 1, 8
     print(load_line(), flush=True)
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_annotate."))
@@ -177,7 +179,17 @@ def main(argv: list[str] | None = None) -> int:
           f"annotate: batches of {args.batch_size} crops, detects every {every}th frame (and where a track starts, "
           f"ends or jumps) and tracks between, the product's design; plain loop: detects every frame, "
           f"one crop per network call", flush=True)
-    for det_name in args.detectors.split(","):
+    if "torch" in runners and not args.no_fold_check:
+        # what folding BatchNorm into the convolutions buys the runner: the same crops, one batch
+        crops = np.random.default_rng(0).integers(0, 256, (args.batch_size, 3, args.input_size, args.input_size),
+                                                  dtype=np.uint8)
+        folded, unfolded = runners["torch"][0], TorchRunner(net, fold=False)
+        print(f"\nPyTorch runner, {args.batch_size} crops per call, BatchNorm folded vs not:", flush=True)
+        per_round = run_rounds({"folded": timed(lambda: folded(crops)), "unfolded": timed(lambda: unfolded(crops))},
+                               args.rounds, warmup=1)
+        print("  " + ratio_line("runner, folded / unfolded speed", ratios(per_round, "unfolded", "folded")),
+              flush=True)
+    for det_name in filter(None, args.detectors.split(",")):
         settings = ExtractSettings(detector=det_name, device="cpu", detect_every=every)
         detector = make_detector(settings, "cpu")
         label = "the demo config's detector" if det_name == "mtcnn" else "not the demo config's detector"
