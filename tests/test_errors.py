@@ -96,7 +96,7 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
 def test_train_with_a_missing_shard_folder(tmp_path):
     proc = _run_cli("train", "--shards", "no_such_shards", "--out", "out/model_a", cwd=tmp_path)
     assert proc.returncode == 2
-    assert _one_line(proc) == "python -m ferflow.train: error: --shards no_such_shards: no such folder"
+    assert _one_line(proc) == "ferflow train: error: --shards no_such_shards: no such folder"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -104,7 +104,7 @@ def test_train_with_a_shard_folder_without_labels(tmp_path):
     (tmp_path / "shards").mkdir()
     proc = _run_cli("train", "--shards", "shards", "--out", "out", cwd=tmp_path)
     assert proc.returncode == 2
-    assert _one_line(proc) == f"python -m ferflow.train: error: --shards {Path('shards') / 'labels.parquet'}: no such file"
+    assert _one_line(proc) == f"ferflow train: error: --shards {Path('shards') / 'labels.parquet'}: no such file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 
 
@@ -114,7 +114,7 @@ def test_predict_with_a_missing_model(tmp_path):
     proc = _run_cli("predict", "--model", "models/a/model.pt", "--shards", "shards",
                     "--out", "predictions/a/validation.parquet", cwd=tmp_path)
     assert proc.returncode == 2
-    assert _one_line(proc) == "python -m ferflow.predict: error: --model models/a/model.pt: no such file"
+    assert _one_line(proc) == "ferflow predict: error: --model models/a/model.pt: no such file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
 
 
@@ -124,7 +124,7 @@ def test_extract_with_a_missing_video_downloads_nothing(tmp_path):
     proc = _run_cli("extract", "video", "--video", "videos/clip.mp4", "--person", "clip=", "--settings", settings,
                     "--out-tar", "faces/clip.tar", "--out-table", "faces/clip.parquet", cwd=tmp_path)
     assert proc.returncode == 2
-    assert _one_line(proc) == "python -m ferflow.extract video: error: --video videos/clip.mp4: no such file"
+    assert _one_line(proc) == "ferflow extract video: error: --video videos/clip.mp4: no such file"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -132,7 +132,7 @@ def test_shards_with_a_missing_manifest(tmp_path):
     proc = _run_cli("shards", "--manifest", "manifest/a.parquet", "--out", "shards", "--accounting", "acc.parquet",
                     cwd=tmp_path)
     assert proc.returncode == 2
-    assert _one_line(proc) == "python -m ferflow.shards: error: --manifest manifest/a.parquet: no such file"
+    assert _one_line(proc) == "ferflow shards: error: --manifest manifest/a.parquet: no such file"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -142,7 +142,7 @@ def test_a_folder_given_for_a_file_is_named_as_such(tmp_path):
     (tmp_path / "shards" / "labels.parquet").write_bytes(b"")
     proc = _run_cli("predict", "--model", "model.pt", "--shards", "shards", "--out", "p.parquet", cwd=tmp_path)
     assert proc.returncode == 2
-    assert _one_line(proc) == "python -m ferflow.predict: error: --model model.pt: not a file"
+    assert _one_line(proc) == "ferflow predict: error: --model model.pt: not a file"
 
 
 # ---- help texts ----------------------------------------------------------------------------------

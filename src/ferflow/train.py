@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from . import data, devices, metrics, shardio
 from .atomic import atomic_path, write_text
-from .inputcheck import require_inputs
+from .inputcheck import fail, prog_of, require_inputs
 from .predict import autocast, infer, to_device
 
 log = logging.getLogger("ferflow.train")
@@ -132,20 +132,33 @@ def resolve_settings(given: dict) -> dict:
 
 
 def read_settings(text: str) -> dict:
-    """A JSON string, or the path of a JSON or YAML file."""
+    """A JSON string, or the path of a JSON or YAML file. Raises ValueError naming the file (if
+    any), the line and column of bad JSON or YAML, or a value that is not a mapping."""
     path = Path(text)
+    where = ""
     if not text.lstrip().startswith("{") and path.is_file():
-        content = path.read_text()
+        where = f"{path}: "
+        text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return yaml.safe_load(content) or {}
-        return json.loads(content)
-    return json.loads(text)
+            try:
+                value = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{where}not valid YAML ({' '.join(str(exc).split())})") from None
+            text = None
+    if text is not None:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}a mapping of settings is expected, not {type(value).__name__}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ferflow.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog_of("train"), description=__doc__.split("\n")[0])
     p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
     p.add_argument("--settings", default="{}", help="variant settings: JSON string or JSON/YAML file")
     p.add_argument("--out", required=True, help="output folder (last.pt, model.pt, history.csv, curves.png)")
@@ -161,20 +174,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--log-every", type=int, default=50,
                    help="without a progress bar, log loss, img/s and the epoch's ETA every N steps (0: never)")
-    p.add_argument("--loss-every", type=_positive_int, default=1,
+    p.add_argument("--loss-every", type=int, default=1,
                    help="a row of steps.csv (the mean loss parts, lr and img/s of those steps) every N "
                    "optimiser steps (default: 1, every step)")
     return p
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -971,12 +975,17 @@ def _plot_steps(ax, steps: list[dict], locator) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    require_inputs("python -m ferflow.train", [("--shards", args.shards, "dir"),
-                                               ("--shards", Path(args.shards) / "labels.parquet", "file")])
+    prog = prog_of("train")
+    require_inputs(prog, [("--shards", args.shards, "dir"), ("--shards", Path(args.shards) / "labels.parquet", "file")])
+    if args.loss_every < 1:
+        fail(prog, f"--loss-every {args.loss_every}: must be at least 1")
+    try:
+        settings = resolve_settings(read_settings(args.settings))
+    except (ValueError, OSError) as exc:  # bad JSON / YAML, unknown keys, an unreadable file
+        fail(prog, f"--settings: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = resolve_settings(read_settings(args.settings))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume and is_complete(out, settings):
