@@ -233,14 +233,13 @@ def test_a_video_annotated_whole_in_one_split_and_per_person_in_another_is_a_lea
 @pytest.mark.parametrize("args, expected", [
     (["--issues", "i/a.parquet"], ["--issues i/a.parquet: no such file"]),
     (["--faces", "f/a/u1.parquet"], ["--faces f/a/u1.parquet: no such file"]),
-    (["--faces", "f/a/u0.parquet"], [f"--faces f/a/u0.parquet: its tar {Path('f/a/u0.tar')}: no such file"]),
     (["--samples-per-shard", "0"], ["--samples-per-shard 0: must be at least 1"]),
     (["--samples-per-shard", "-5"], ["--samples-per-shard -5: must be at least 1"]),
 ])
 def test_shards_input_and_argument_problems(tmp_path, monkeypatch, capsys, args, expected):
     (tmp_path / "m.parquet").write_bytes(b"")
     (tmp_path / "f" / "a").mkdir(parents=True)
-    (tmp_path / "f" / "a" / "u0.parquet").write_bytes(b"")  # its tar is missing
+    (tmp_path / "f" / "a" / "u0.parquet").write_bytes(b"")
     rc, lines = _main("shards", "--manifest", "m.parquet", *args, "--out", "shards", "--accounting", "acc.parquet",
                       cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert rc == 2 and lines == [f"ferflow shards: error: {e}" for e in expected]

@@ -407,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", help="also write the printed accounting summary to this text file")
     args = parser.parse_args(argv)
     require_inputs(parser.prog, [("--manifest", m, "file") for m in args.manifest]
-                   + [("--faces", f, "file") for f in args.faces] + [("--issues", f, "file") for f in args.issues]
-                   + [(f"--faces {f}: its tar", Path(f).with_suffix(".tar"), "file") for f in args.faces if Path(f).is_file()])
+                   + [("--faces", f, "file") for f in args.faces] + [("--issues", f, "file") for f in args.issues])
     if args.samples_per_shard < 1:
         fail(parser.prog, f"--samples-per-shard {args.samples_per_shard}: must be at least 1")
     try:
