@@ -51,9 +51,9 @@ import numpy as np
 import polars as pl
 
 from . import layout
+from .inputcheck import error, fail, input_problem, json_option, prog_of
 from .labels import (EXPR_HEADER, EXPR_UNANNOTATED, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER, VA_INVALID_BELOW,
                      expression_index)
-from .inputcheck import error, fail, input_problem, json_option, prog_of
 from .schemas import ISSUES, LABEL_USABLE, MANIFEST, TASKS, WHOLE_VIDEO, write_table
 
 AFFECTNET_MAP = {"0": "Neutral", "1": "Happiness", "2": "Sadness", "3": "Surprise", "4": "Fear",

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, NoReturn
 
-__all__ = ["error", "fail", "input_problem", "json_option", "prog_of", "require_inputs"]
+__all__ = ["error", "fail", "input_problem", "json_option", "json_problem", "prog_of", "require_inputs"]
 
 
 def prog_of(stage: str) -> str:
@@ -50,8 +50,12 @@ def json_option(prog: str, option: str, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        fail(prog, f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+        fail(prog, f"{where}: {json_problem(exc)}")
 
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """``not valid JSON (<what> at line L column C)``: a JSON decoding error in one line."""
+    return f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
 
 
 def input_problem(option: str, path: str | os.PathLike | None, kind: str) -> str | None:

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from . import data, devices, metrics, shardio
 from .atomic import atomic_path, write_text
-from .inputcheck import fail, prog_of, require_inputs
+from .inputcheck import fail, json_problem, prog_of, require_inputs
 from .predict import autocast, infer, to_device
 
 log = logging.getLogger("ferflow.train")
@@ -151,7 +151,7 @@ def read_settings(text: str) -> dict:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+            raise ValueError(f"{where}{json_problem(exc)}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{where}a mapping of settings is expected, not {type(value).__name__}")
     return value
@@ -161,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog_of("train"), description=__doc__.split("\n")[0])
     p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
     p.add_argument("--settings", default="{}", help="variant settings: JSON string or JSON/YAML file")
-    p.add_argument("--out", required=True, help="output folder (last.pt, model.pt, history.csv, curves.png)")
+    p.add_argument("--out", required=True, help="output folder (last.pt, model.pt, history.csv, steps.csv, curves.png)")
     p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from <out>/last.pt when it exists (default: on)")
@@ -178,7 +178,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a row of steps.csv (the mean loss parts, lr and img/s of those steps) every N "
                    "optimiser steps (default: 1, every step)")
     return p
-
 
 
 # --------------------------------------------------------------------------------------------
