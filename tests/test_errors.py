@@ -265,8 +265,8 @@ def test_extract_images_with_a_missing_manifest(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, expected", [
     (["--person", "ok=middle"], ["--person ok=middle: side 'middle' is not one of left, right or empty (the main face)"]),
-    (["--person", "=left", "--person", "v", "--person", "v=right"],
-     ["--person =left: the annotation name is empty", "--person v=right: annotation 'v' given twice"]),
+    (["--person", "=left", "--person", "v", "--person", "v", "--person", "v=right"],  # v twice alike: fine
+     ["--person =left: the annotation name is empty", "--person v=right: annotation 'v' was given side '' before"]),
     (["--person", "v", "--settings", '{"detector": haar}'],
      ["--settings: not valid JSON (Expecting value at line 1 column 14)"]),
     (["--person", "v", "--settings", '{"detecter": "haar"}'],

@@ -701,17 +701,17 @@ def _persons(specs: list[str]) -> dict[str, str]:
 
 def person_problems(specs: list[str]) -> list[str]:
     """One line per ``--person ANNOTATION=SIDE`` that is not usable: an empty annotation name, a
-    side not in :data:`SIDES`, or an annotation given twice."""
-    problems, seen = [], set()
+    side not in :data:`SIDES`, or an annotation given again with another side. (The same one given
+    twice is fine: the workflow does so for a test video that is also annotated.)"""
+    problems, seen = [], {}
     for spec in specs:
         name, side = spec.split("=", 1) if "=" in spec else (spec, "")
         if not name:
             problems.append(f"--person {spec}: the annotation name is empty")
         if side not in SIDES:
             problems.append(f"--person {spec}: side {side!r} is not one of left, right or empty (the main face)")
-        if name in seen:
-            problems.append(f"--person {spec}: annotation {name!r} given twice")
-        seen.add(name)
+        elif seen.setdefault(name, side) != side:
+            problems.append(f"--person {spec}: annotation {name!r} was given side {seen[name]!r} before")
     return problems
 
 
