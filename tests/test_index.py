@@ -182,7 +182,7 @@ def test_same_video_in_two_splits_is_an_error_naming_both_files(affwild2):
     # two native folders mapped to one split: two EXPR files for one video
     va_val.unlink()
     write(e / "Validation_Set" / "V.txt", EXPR_HEADER + "\n2\n")
-    with pytest.raises(layout.SplitLeakError, match=rf"'V' has two EXPR files in split train: {train} and {val}"):
+    with pytest.raises(layout.DuplicateAnnotationError, match=rf"'V' has two EXPR files in split train: {train} and {val}"):
         index.index_source({**src, "splits": {"Train_Set": "train", "Validation_Set": "train"}})
 
 

@@ -123,8 +123,19 @@ def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread, capl
     assert float(rows[0]["train_img_per_s"]) > 0 and int(rows[0]["micro_batch"]) == 8
     assert 0 <= float(rows[0]["val_expr_f1"]) <= 1 and rows[0]["val_va_ccc_mean"] == ""  # task expr
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # steps.csv: one row per optimiser step (--loss-every 1, the default); the sample-weighted mean
+    # of the rows' losses is the epoch's mean in history.csv
+    steps = list(csv.DictReader((out / "steps.csv").open()))
+    assert list(steps[0]) == list(train.STEP_COLUMNS)
+    assert [int(r["global_step"]) for r in steps] == list(range(1, n_batches + 1))
+    assert {r["epoch"] for r in steps} == {"1"} and {r["steps"] for r in steps} == {"1"}
+    assert sum(int(r["samples"]) for r in steps) == int(rows[0]["train_samples"])
+    for part in train.LOSS_PARTS:
+        mean = sum(float(r[f"loss_{part}"]) * int(r["samples"]) for r in steps) / int(rows[0]["train_samples"])
+        assert mean == pytest.approx(float(rows[0][f"loss_{part}"]), rel=1e-9), part
+    assert all(float(r["lr"]) == float(rows[0]["lr"]) and float(r["img_per_s"]) > 0 for r in steps)
     # a second start finds the run complete and rewrites nothing
-    mtimes = {f: (out / f).stat().st_mtime_ns for f in ("model.pt", "history.csv", "curves.png")}
+    mtimes = {f: (out / f).stat().st_mtime_ns for f in ("model.pt", "history.csv", "steps.csv", "curves.png")}
     assert train.main(argv) == 0
     assert {f: (out / f).stat().st_mtime_ns for f in mtimes} == mtimes
     assert not (out / "last.pt").exists()
@@ -142,10 +153,38 @@ def test_outputs_and_checkpoint_contents(tiny_shards, tmp_path, one_thread, capl
     for key in ("model", "criterion", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
                 "global_step", "data", "settings", "history", "sums"):
         assert key in ckpt, key
+    assert [r["global_step"] for r in ckpt["steps"]] == list(range(1, trainer.step + 1))
     assert "affinity.centers" in ckpt["criterion"]
     assert set(ckpt["rng"]) == {"python", "numpy", "torch"}  # no CUDA state on the CPU
     assert ckpt["epoch"] == 0 and ckpt["step"] == trainer.step > 0
     assert ckpt["sums"]["samples"] > 0 and math.isfinite(ckpt["sums"]["total"])
+
+
+def test_curves_plot_the_step_rows_under_the_epoch_curves(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (figures.append(fig), original(fig, *a, **k))[1])
+    history = [{"epoch": e, "lr": 1e-3, **{f"loss_{p}": 1.0 / e for p in train.LOSS_PARTS}} for e in (1, 2)]
+    # 5 steps in epoch 1 (rows of 2, 2, 1), 4 in epoch 2 (2, 2)
+    ends = [(2, 1, 2), (4, 1, 2), (5, 1, 1), (7, 2, 2), (9, 2, 2)]
+    steps = [{"global_step": g, "epoch": e, "steps": n, "samples": 8 * n,
+              **{f"loss_{p}": 10.0 / g + i for i, p in enumerate(train.LOSS_PARTS)}, "lr": 1e-3, "img_per_s": 5.0}
+             for g, e, n in ends]
+    train.plot_curves(tmp_path / "curves.png", history, "a", steps)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    top_loss, top_val, per_step = figures[0].axes
+    for ax in (top_loss, top_val):  # the epoch panels keep their integer epoch ticks
+        assert [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]] == [1, 2]
+    lines = {line.get_label(): line for line in per_step.get_lines() if not line.get_label().startswith("_")}
+    assert list(lines) == list(train.LOSS_PARTS)
+    assert list(lines["total"].get_xdata()) == [2, 4, 5, 7, 9]
+    assert list(lines["va"].get_ydata()) == [10.0 / g + 2 for g in (2, 4, 5, 7, 9)]
+    epoch_ends = [line.get_xdata()[0] for line in per_step.get_lines() if line.get_label().startswith("_")]
+    assert epoch_ends == [5.5]  # between the last step of epoch 1 and the first of epoch 2
+    assert per_step.get_title() == "loss every 2 steps"
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,13 +421,15 @@ def _run(cmd: list[str]) -> None:
 
 @pytest.mark.parametrize("workers, micro", [(0, 3), pytest.param(2, "auto", marks=pytest.mark.slow)])
 def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers, micro):
-    """micro 3: batches of 8 in micro-batches of 3, 3, 2; checkpoints fall on optimiser steps."""
+    """micro 3: batches of 8 in micro-batches of 3, 3, 2; checkpoints fall on optimiser steps.
+    A steps.csv row every 3 steps, a checkpoint every 2: the kill lands inside a row."""
     settings = {**TINY, "workers": workers, "micro_batch": micro}
     ref_out, cut_out = tmp_path / "uninterrupted", tmp_path / "killed"
+    every = ("--loss-every", "3")
     # start the reference run and the run to be killed side by side
-    ref = subprocess.Popen(train_cmd(tiny_shards, ref_out, settings), env=child_env(),
+    ref = subprocess.Popen(train_cmd(tiny_shards, ref_out, settings, *every), env=child_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    cut = subprocess.Popen(train_cmd(tiny_shards, cut_out, settings), env=child_env(),
+    cut = subprocess.Popen(train_cmd(tiny_shards, cut_out, settings, *every), env=child_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for(cut_out / "last.pt", cut)
     os.kill(cut.pid, signal.SIGKILL)
@@ -399,7 +440,7 @@ def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers,
     assert ckpt["epoch"] == 0 and ckpt["step"] > 0, "the kill should land mid-epoch"
     _, ref_err = ref.communicate(timeout=600)
     assert ref.returncode == 0, ref_err.decode()[-4000:]
-    _run(train_cmd(tiny_shards, cut_out, settings))  # --resume is the default
+    _run(train_cmd(tiny_shards, cut_out, settings, *every))  # --resume is the default
 
     a = torch.load(ref_out / "model.pt", weights_only=True)
     b = torch.load(cut_out / "model.pt", weights_only=True)
@@ -411,6 +452,17 @@ def test_kill_and_resume_gives_identical_weights(tiny_shards, tmp_path, workers,
     hist_a = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((ref_out / "history.csv").open())]
     hist_b = [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((cut_out / "history.csv").open())]
     assert hist_a == hist_b and len(hist_a) == settings["epochs"]
+    steps_a = [{k: v for k, v in r.items() if k != "img_per_s"} for r in csv.DictReader((ref_out / "steps.csv").open())]
+    steps_b = [{k: v for k, v in r.items() if k != "img_per_s"} for r in csv.DictReader((cut_out / "steps.csv").open())]
+    assert steps_a == steps_b
+    # rows of 3 steps, an epoch's last row holds the rest; global_step counts every step once
+    done = 0
+    for i, r in enumerate(steps_a):
+        last_of_epoch = i + 1 == len(steps_a) or steps_a[i + 1]["epoch"] != r["epoch"]
+        assert r["steps"] == "3" or (last_of_epoch and r["steps"] in ("1", "2")), r
+        done += int(r["steps"])
+        assert int(r["global_step"]) == done
+    assert {r["epoch"] for r in steps_a} == {"1", "2"}
 
 
 # --------------------------------------------------------------------------------------------

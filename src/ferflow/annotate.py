@@ -52,6 +52,7 @@ from .extract import ExtractSettings, VideoError, make_detector, prefetch, read_
 from .faces import align_face, crop_face
 from .inference import Ensemble, InferenceError, OnnxRunner, TorchRunner, load_ensemble
 from .labels import EXPRESSIONS, NUM_EXPRESSIONS
+from .inputcheck import error, prog_of
 from .layout import VIDEO_EXTENSIONS
 from .run_config import RunConfig, add_run_arguments, from_args
 
@@ -64,29 +65,38 @@ class AnnotateError(ValueError):
     """An input that cannot be annotated; the message names the file."""
 
 
-def list_videos(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The videos to annotate: files as given, and the video files (by extension) of folders.
+def check_videos(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """The usable videos of ``paths`` (files as given, video files of folders) and one line per
+    problem, each naming its path: no such file or folder, a folder without video files, a video
+    that cannot be opened or has no frame (:func:`ferflow.index.probe_video`: opens the container,
+    decodes at most one frame), two videos with the same name. Every input is checked before any
+    is annotated, so that one bad file among many is found at once."""
+    from .index import probe_video
 
-    Raises :class:`AnnotateError` for a path that does not exist, a folder without videos, or two
-    videos with the same name (their outputs would collide).
-    """
     videos: list[Path] = []
+    problems: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
             if not found:
-                raise AnnotateError(f"{p}: a folder without video files ({', '.join(VIDEO_EXTENSIONS)})")
+                problems.append(f"{p}: a folder without video files ({', '.join(VIDEO_EXTENSIONS)})")
             videos += found
         elif p.exists():
             videos.append(p)
         else:
-            raise AnnotateError(f"{p}: no such file or folder")
+            problems.append(f"{p}: no such file or folder")
+    usable: list[Path] = []
     stems: dict[str, Path] = {}
     for v in videos:
-        if v.stem in stems:
-            raise AnnotateError(f"{v} and {stems[v.stem]}: two videos named {v.stem!r} would write the same outputs")
-        stems[v.stem] = v
-    return videos
+        why = probe_video(str(v))
+        if why is not None:
+            problems.append(f"{v}: {why}")
+        elif v.stem in stems:
+            problems.append(f"{v} and {stems[v.stem]}: two videos named {v.stem!r} would write the same outputs")
+        else:
+            stems[v.stem] = v
+            usable.append(v)
+    return usable, problems
 
 
 @dataclass
@@ -346,8 +356,11 @@ def annotate_video(video: str | os.PathLike, out_dir: str | os.PathLike, runner,
 
 
 # ---- CLI --------------------------------------------------------------------------------------
+PROG = prog_of("annotate")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ferflow annotate", description=__doc__.split("\n\n")[0].strip("` "))
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip("` "))
     p.add_argument("inputs", nargs="+", metavar="VIDEO_OR_FOLDER", help="videos, or folders searched for videos")
     p.add_argument("--models", default="results/models", help="the training outputs: <variant>/model.pt")
     p.add_argument("--onnx", default=None, help="run this file of `ferflow export` on onnxruntime instead of --models")
@@ -358,6 +371,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the models (default: the library's)")
     p.add_argument("--lock-dir", default=None, help="GPU lock folder (default: $FERFLOW_GPU_LOCK_DIR or a temp folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--skip-bad-inputs", action="store_true",
+                   help="go on without the inputs that are missing or cannot be opened, each named in the summary at "
+                   "the end (default: name them all and stop before any video is annotated, exit status 2)")
     add_run_arguments(p)
     return p
 
@@ -379,13 +395,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
+    videos, bad = check_videos(args.inputs)
+    if bad and not args.skip_bad_inputs:
+        error(PROG, *bad)
+        print(f"{PROG}: nothing annotated: {len(bad)} bad input(s); fix them, or pass --skip-bad-inputs to "
+              "annotate the others", file=sys.stderr)
+        return 2
+    if not videos:
+        error(PROG, *bad, "no usable video among the inputs")
+        return 2
     try:
-        videos = list_videos(args.inputs)
         runner = OnnxRunner(args.onnx, args.threads) if args.onnx else None
         run = _run_for_onnx(args, runner.metadata) if args.onnx else from_args(args, args.models)
         settings = ExtractSettings.from_json(json.dumps(run.extract))
     except (AnnotateError, InferenceError, ValueError, FileNotFoundError) as exc:
-        print(f"ferflow annotate: error: {exc}", file=sys.stderr)
+        error(PROG, str(exc))
         return 2
     for line in run.sources:
         log.info("%s", line)
@@ -396,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner = TorchRunner(load_ensemble(args.models, run.weights, device=device), device)
             detector = make_detector(settings, str(device))
         except (InferenceError, ValueError, FileNotFoundError) as exc:
-            print(f"ferflow annotate: error: {exc}", file=sys.stderr)
+            error(PROG, str(exc))
             return 2
         log.info("ensemble: %s; detector %s, detect_every %d", runner.ensemble.names, settings.detector,
                  settings.detect_every)
@@ -405,16 +429,20 @@ def main(argv: list[str] | None = None) -> int:
                 out = annotate_video(video, args.out, runner, settings, run.smoothing, detector, args.batch_size,
                                      args.video, progress=False if args.no_progress else None)
             except AnnotateError as exc:
-                print(f"ferflow annotate: error: {exc}", file=sys.stderr)
+                error(PROG, str(exc))
                 failed += 1
                 continue
             faced = out.table["track"].is_not_null().sum()
             log.info("%s: %d frames, %d tracks, %d face rows, %d frames without a face, %.1f frames/s -> %s",
                      video, out.n_frames, out.n_tracks, faced, out.table.height - faced,
                      out.n_frames / max(out.seconds, 1e-9), ", ".join(str(p) for p in out.paths.values()))
+    if bad:  # --skip-bad-inputs: the summary names what was left out
+        print(f"{PROG}: skipped {len(bad)} bad input(s):", file=sys.stderr)
+        for line in bad:
+            print(f"  {line}", file=sys.stderr)
     if failed:
         if len(videos) > 1:
-            print(f"ferflow annotate: {failed} of {len(videos)} videos could not be annotated", file=sys.stderr)
+            print(f"{PROG}: {failed} of {len(videos)} videos could not be annotated", file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,8 @@
 
     ferflow --help                 # the subcommands
     ferflow annotate --help        # one subcommand's options
+    ferflow --version
+    python -m ferflow STAGE ...    # the same (ferflow/__main__.py)
 
 Each subcommand hands its arguments to the stage module's ``main``; the module is imported only
 when its subcommand runs, so ``ferflow --help`` is quick.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from . import __version__
 
 #: subcommand -> one line about it (the module is ferflow.<subcommand>)
 COMMANDS = {
@@ -32,6 +36,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ferflow", description="Facial expression and valence/arousal on video: the stages of the pipeline.",
         epilog="`ferflow STAGE ARGS` runs `python -m ferflow.STAGE ARGS`; `ferflow STAGE --help` lists its options.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version of ferflow and exit")
     sub = p.add_subparsers(dest="command", metavar="STAGE", required=True)
     for name, about in COMMANDS.items():
         sub.add_parser(name, help=about, add_help=False)

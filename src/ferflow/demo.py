@@ -50,6 +50,7 @@ import cv2
 import numpy as np
 
 from .atomic import write_bytes, write_text
+from .inputcheck import prog_of
 from .labels import EXPR_HEADER, NUM_EXPRESSIONS, VA_HEADER
 
 SIZES = ("tiny", "small")
@@ -697,7 +698,7 @@ def generate(root: str | os.PathLike, seed: int = 0, size: str = "small", log=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ferflow.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_of("demo"), description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", required=True, help="folder to write the demo data into")
     ap.add_argument("--seed", type=int, default=0, help="the same seed gives the same data")
     ap.add_argument("--size", choices=SIZES, default="small", help="tiny: for tests; small: the README demo")

@@ -43,6 +43,7 @@ import polars as pl
 from . import atomic, schemas
 from .abaw import check_submission, export_submission, frame_count_mismatches, read_frame_counts, read_test_list
 from .ensemble import AUTO_WINDOWS, Aligned, build_ensemble, choose_windows, score, smoothed, smoothing_from
+from .inputcheck import error, prog_of
 from .truth import PROB_COLS, VA_COLS, EvaluationError, GroundTruth, load_ground_truth
 
 
@@ -339,7 +340,7 @@ def _smoothing_arg(value: str) -> int | str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ferflow.evaluate",
+        prog=prog_of("evaluate"),
         description="Fill, soft-vote, smooth and score the variants' predictions against the ground truth.",
     )
     p.add_argument("--predictions", nargs="+", metavar="NAME=PATH",
@@ -398,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             submission_dir=args.submission_dir, test_list=test_list, frame_counts=frame_counts,
         )
     except (EvaluationError, schemas.SchemaError, FileNotFoundError) as exc:
-        print(f"ferflow.evaluate: error: {exc}", file=sys.stderr)
+        error(prog_of("evaluate"), str(exc))
         return 2
     print(format_table(result), flush=True)
     return 0

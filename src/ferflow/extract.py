@@ -50,7 +50,7 @@ import numpy as np
 import polars as pl
 
 from .atomic import atomic_path
-from .inputcheck import require_inputs
+from .inputcheck import fail, json_option, prog_of, require_inputs
 from .detect import detector_settings
 from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou, link_tracks, unsettled_frames
 from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, read_table, write_table
@@ -691,12 +691,32 @@ def extract_images(manifest: pl.DataFrame, unit: str, settings: ExtractSettings,
     return _write(rows, out_table)
 
 
+#: the sides a --person may name: the main face (empty), or a person of a two-person video
+SIDES = ("", "left", "right")
+
+
 def _persons(specs: list[str]) -> dict[str, str]:
     return dict(p.split("=", 1) if "=" in p else (p, "") for p in specs)
 
 
+def person_problems(specs: list[str]) -> list[str]:
+    """One line per ``--person ANNOTATION=SIDE`` that is not usable: an empty annotation name, a
+    side not in :data:`SIDES`, or an annotation given again with another side. (The same one given
+    twice is fine: the workflow does so for a test video that is also annotated.)"""
+    problems, seen = [], {}
+    for spec in specs:
+        name, side = spec.split("=", 1) if "=" in spec else (spec, "")
+        if not name:
+            problems.append(f"--person {spec}: the annotation name is empty")
+        if side not in SIDES:
+            problems.append(f"--person {spec}: side {side!r} is not one of left, right or empty (the main face)")
+        elif seen.setdefault(name, side) != side:
+            problems.append(f"--person {spec}: annotation {name!r} was given side {seen[name]!r} before")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferflow.extract", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog_of("extract"), description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     pv = sub.add_parser("video", help="detect and crop the faces of one video")
     pv.add_argument("--video", required=True, help="the video file (any format OpenCV decodes)")
@@ -718,9 +738,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out-tar", required=True, help="tar of the 224x224 JPEG face crops to write")
         p.add_argument("--out-table", required=True, help="FACES parquet to write: per frame its box, score and status")
     args = parser.parse_args(argv)
-    require_inputs(f"{parser.prog} {args.mode}", [("--video", getattr(args, "video", None), "file"),
-                                                  ("--manifest", getattr(args, "manifest", None), "file")])
-    settings = ExtractSettings.from_json(args.settings)
+    prog = f"{parser.prog} {args.mode}"
+    require_inputs(prog, [("--video", getattr(args, "video", None), "file"),
+                          ("--manifest", getattr(args, "manifest", None), "file")])
+    problems = person_problems(getattr(args, "person", None) or [])
+    if problems:
+        fail(prog, *problems)
+    try:
+        settings = ExtractSettings.from_json(json.dumps(json_option(prog, "--settings", args.settings)))
+    except (ValueError, TypeError) as exc:  # unknown keys, values out of range
+        fail(prog, f"--settings: {exc}")
     t0 = time.perf_counter()
     if args.mode == "video":
         persons = _persons(args.person)

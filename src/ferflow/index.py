@@ -51,6 +51,7 @@ import numpy as np
 import polars as pl
 
 from . import layout
+from .inputcheck import error, fail, input_problem, json_option, prog_of
 from .labels import (EXPR_HEADER, EXPR_UNANNOTATED, EXPRESSIONS, NUM_EXPRESSIONS, VA_HEADER, VA_INVALID_BELOW,
                      expression_index)
 from .schemas import ISSUES, LABEL_USABLE, MANIFEST, TASKS, WHOLE_VIDEO, write_table
@@ -799,8 +800,28 @@ def summary(df: pl.DataFrame) -> pl.DataFrame:
             .sort("split", "drop"))
 
 
+def source_problems(source) -> list[str]:
+    """What makes a source entry unusable before any file of it is read, one line each: not a JSON
+    object, ``name`` / ``kind`` / ``root`` missing, an unknown kind, a root, ``videos`` folder or
+    ``test_list`` that does not exist (each named with its key). Empty when it is usable."""
+    if not isinstance(source, dict):
+        return [f"--source: a JSON object (the source's config entry) is expected, not {type(source).__name__}"]
+    where = f"source {source['name']!r}" if isinstance(source.get("name"), str) else "--source"
+    problems = [f"{where}: {key!r} is required but missing" for key in ("name", "kind", "root") if not source.get(key)]
+    kind = source.get("kind")
+    if kind and kind not in READERS:
+        problems.append(f"{where}: unknown kind {kind!r}; known: {', '.join(sorted(READERS))}")
+    if source.get("root"):
+        problems.append(input_problem(f"{where} root", source["root"], "file" if kind == "generic" else "dir"))
+    if kind == "affwild2" and source.get("root") and Path(source["root"]).is_dir():
+        problems.append(input_problem(f"{where} videos", source.get("videos") or Path(source["root"]) / "videos", "dir"))
+    problems.append(input_problem(f"{where} test_list", source.get("test_list"), "file"))
+    return [p for p in problems if p]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferflow.index", description=__doc__.split("\n\n")[0])
+    prog = prog_of("index")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help="the source's config entry as JSON (or a path to a JSON file)")
     parser.add_argument("--out", required=True, help="manifest parquet to write")
     parser.add_argument("--issues", help="ISSUES parquet to write (invalid lines, header-only files, unusable "
@@ -809,13 +830,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="an annotated video that is missing or cannot be opened: stop (error naming "
                         "every such file) or skip (counted, named in the end-of-run summary)")
     args = parser.parse_args(argv)
-    text = Path(args.source).read_text() if os.path.isfile(args.source) else args.source
-    source = json.loads(text)
+    source = json_option(prog, "--source", args.source)
+    problems = source_problems(source)
+    if problems:
+        fail(prog, *problems)
     issues: list[dict] = []
     try:
         df = index_source(source, args.on_unusable_input, issues)
-    except (AnnotationError, FileNotFoundError, UnusableInputError, layout.SplitLeakError) as exc:
-        print(f"index {source.get('name')}: {exc}", file=sys.stderr)  # bad input: the message names the file
+    except (ValueError, FileNotFoundError) as exc:  # bad input (AnnotationError, SplitLeakError, ...): named
+        message = str(exc) if str(exc).startswith("source ") else f"source {source['name']!r}: {exc}"
+        error(prog, message)
         return 1
     if args.issues:
         write_table(issues_table(issues), args.issues, ISSUES)

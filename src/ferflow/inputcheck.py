@@ -7,12 +7,55 @@ traceback from deep inside the stage. Exit status 2 is argparse's for usage erro
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, NoReturn
 
-__all__ = ["input_problem", "require_inputs"]
+__all__ = ["error", "fail", "input_problem", "json_option", "json_problem", "prog_of", "require_inputs"]
+
+
+def prog_of(stage: str) -> str:
+    """The name a stage's messages start with: the console-script form ``ferflow STAGE`` (also for
+    ``python -m ferflow.STAGE``, which runs the same code)."""
+    return f"ferflow {stage}"
+
+
+def error(prog: str, *problems: str) -> None:
+    """Print ``<prog>: error: <problem>`` on stderr, one line per problem (a problem listing several
+    files may go on over indented lines)."""
+    for p in problems:
+        print(f"{prog}: error: {p}", file=sys.stderr)
+
+
+def fail(prog: str, *problems: str) -> NoReturn:
+    """A usage error: :func:`error`, then exit with status 2 (argparse's). Input data that cannot be
+    what it should be is reported with :func:`error` and status 1 by the stage's ``main``."""
+    error(prog, *problems)
+    sys.exit(2)
+
+
+def json_option(prog: str, option: str, text: str) -> Any:
+    """The value of an option given as a JSON string or as the path of a JSON file. Bad JSON is a
+    usage error (:func:`fail`): one line naming the option (and file), the line and column."""
+    path = Path(text)
+    where = option
+    if not text.lstrip().startswith(("{", "[")) and path.is_file():
+        where = f"{option} {text}"
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(prog, f"{where}: cannot be read ({exc})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        fail(prog, f"{where}: {json_problem(exc)}")
+
+
+def json_problem(exc: json.JSONDecodeError) -> str:
+    """``not valid JSON (<what> at line L column C)``: a JSON decoding error in one line."""
+    return f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
 
 
 def input_problem(option: str, path: str | os.PathLike | None, kind: str) -> str | None:
@@ -43,6 +86,4 @@ def require_inputs(prog: str, inputs: Iterable[tuple[str, str | os.PathLike | No
             problems.append(problem)
             bad.append(Path(path))
     if problems:
-        for p in problems:
-            print(f"{prog}: error: {p}", file=sys.stderr)
-        sys.exit(2)
+        fail(prog, *problems)

@@ -45,7 +45,8 @@ def find_videos(folder: str | os.PathLike, listing: list[str] | None = None) -> 
     """Map video stem -> path for every video file under ``folder`` (recursive).
 
     ``listing`` (paths of files that will exist, e.g. the demo plan) replaces the disk walk.
-    Two files with the same stem are an error: annotation names could not tell them apart.
+    Two files with the same stem are an error (:class:`DuplicateVideoError`): annotation names
+    could not tell them apart.
     """
     found: dict[str, str] = {}
     folder = Path(folder)
@@ -60,7 +61,8 @@ def find_videos(folder: str | os.PathLike, listing: list[str] | None = None) -> 
         stem, ext = os.path.splitext(os.path.basename(path))
         if ext.lower() in VIDEO_EXTENSIONS:
             if stem in found:
-                raise ValueError(f"two videos named {stem!r}: {found[stem]} and {path}")
+                raise DuplicateVideoError(f"two videos named {stem!r}: {found[stem]} and {path} (an annotation "
+                                          "name could not tell them apart)")
             found[stem] = path
     return found
 
@@ -106,6 +108,8 @@ def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = N
     those videos is extracted and written, without labels.
     """
     root = Path(root)
+    if listing is None and not root.is_dir():
+        raise FileNotFoundError(f"source root {root} does not exist")
     splits = AFFWILD2_SPLIT_DIRS if splits is None else splits
     video_files = find_videos(videos if videos is not None else root / "videos", listing)
     annotations: dict[tuple[str, str], Annotation] = {}
@@ -139,33 +143,68 @@ def affwild2_units(root: str | os.PathLike, videos: str | os.PathLike | None = N
         if unit not in units:
             units[unit] = VideoUnit(unit=unit, video_path=video_files.get(unit))
         units[unit].annotations.append(ann)
+    check_whole_video_leaks(units.values())
     return [units[u] for u in sorted(units)]
 
 
 class SplitLeakError(ValueError):
-    """One annotated unit in two splits (or two files for one task of it); names the files."""
+    """Frames of one annotated video (or person) in two splits; names the files."""
+
+
+class DuplicateAnnotationError(ValueError):
+    """Two annotation files for one task of one video in one split; names the files."""
+
+
+class DuplicateVideoError(ValueError):
+    """Two video files with the same name (stem); names both."""
 
 
 def check_split_leaks(files: dict[str, list[tuple[str, str, str]]]) -> None:
     """Raise :class:`SplitLeakError` naming the files when an annotation name (a video, or a person
-    in it) has files in two pipeline splits (its frames would be in both: train and validation), or
-    two files for one task (two native split folders mapped to one split: which one is right?).
+    in it) has files in two pipeline splits (its frames would be in both: train and validation), and
+    :class:`DuplicateAnnotationError` when it has two files for one task in one split (two native
+    split folders mapped to one split: which one is right?).
 
     ``files``: annotation name -> ``(task, split, file)`` of each of its files.
     """
-    problems = []
+    leaks, twice = [], []
     for name, entries in sorted(files.items()):
         splits = sorted({split for _, split, _ in entries})
         tasks = [task for task, _, _ in entries]
         if len(splits) > 1:
-            problems.append(f"{name!r} is annotated in splits {' and '.join(splits)}: "
-                            + " and ".join(f for _, _, f in entries))
+            leaks.append(f"{name!r} is annotated in splits {' and '.join(splits)}: "
+                         + " and ".join(f for _, _, f in entries))
         elif len(tasks) != len(set(tasks)):
-            problems.append(f"{name!r} has two {tasks[0].upper()} files in split {splits[0]}: "
-                            + " and ".join(f for _, _, f in entries))
+            twice.append(f"{name!r} has two {tasks[0].upper()} files in split {splits[0]}: "
+                         + " and ".join(f for _, _, f in entries))
+    _raise_leaks(leaks)
+    if twice:
+        raise DuplicateAnnotationError(
+            "two annotation files for one task of one video in one split (are two native split folders "
+            "mapped to the same split?):\n  " + "\n  ".join(twice))
+
+
+def _raise_leaks(problems: list[str]) -> None:
     if problems:
         raise SplitLeakError("split leak: the same annotated video in two places (its frames would be "
                              "trained and evaluated on):\n  " + "\n  ".join(problems))
+
+
+def check_whole_video_leaks(units) -> None:
+    """Raise :class:`SplitLeakError` when a video annotated whole (``X.txt``: its one annotated face)
+    also has a person annotated (``X_left.txt``) in another split: the whole-video annotation may be
+    the same face, whose frames would then be trained and evaluated on. (``X_left`` in train and
+    ``X_right`` in validation are two people: allowed, see :func:`shared_videos`.)"""
+    problems = []
+    for u in units:
+        labelled = [a for a in u.annotations if a.split != TEST_SPLIT]
+        whole = [a for a in labelled if a.person == ""]
+        if whole and len({a.split for a in labelled}) > 1:
+            files = " and ".join(f"{f} ({a.split})" for a in sorted(labelled, key=lambda a: a.name)
+                                 for f in a.files.values())
+            problems.append(f"video {u.unit!r} is annotated whole in split {whole[0].split} and per person in "
+                            f"another: {files}")
+    _raise_leaks(problems)
 
 
 def shared_videos(units: list[VideoUnit]) -> list[tuple[str, str]]:

@@ -319,8 +319,17 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[DAN, dict
     """The model of a ``model.pt`` written by ``ferflow.train`` and its training settings: rebuilt
     by :func:`build_model` (the pretrained file is not read again), the weights read with
     ``torch.load(weights_only=True)``, on ``device``, in eval mode. KeyError names a file that is
-    not a ferflow model."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    not a ferflow model (also one that torch.load cannot read: text, a truncated file, a pickle)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all "not a model"
+        if type(exc).__name__ == "UnpicklingError":  # torch's message is a page about weights_only
+            reason = "not a file of tensors and plain values written by torch.save"
+        else:
+            reason = (str(exc).strip().splitlines() or [""])[0][:160] or type(exc).__name__
+        raise KeyError(f"{path}: not a ferflow model file (torch.load cannot read it: {reason})") from None
+    if not isinstance(ckpt, dict):
+        raise KeyError(f"{path}: not a ferflow model file (holds a {type(ckpt).__name__}, not a dict)")
     for key in ("model_state_dict", "settings"):
         if key not in ckpt:
             raise KeyError(f"{path}: not a ferflow model file (no {key!r})")

@@ -24,7 +24,7 @@ import torch
 
 from . import data, devices, schemas
 from .model import load_model
-from .inputcheck import require_inputs
+from .inputcheck import prog_of, require_inputs
 from .labels import NUM_EXPRESSIONS
 
 log = logging.getLogger("ferflow.predict")
@@ -85,7 +85,7 @@ def predictions_table(keys, probs, va, labels: pl.DataFrame, task: str = "both")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ferflow.predict", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog_of("predict"), description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model.pt written by ferflow.train")
     p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
     p.add_argument("--split", default="validation", help="split of the shards to predict (default: validation)")
@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    require_inputs("python -m ferflow.predict", [("--model", args.model, "file"), ("--shards", args.shards, "dir"),
+    require_inputs(prog_of("predict"), [("--model", args.model, "file"), ("--shards", args.shards, "dir"),
                                                  ("--shards", Path(args.shards) / "labels.parquet", "file")])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:

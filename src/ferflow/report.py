@@ -42,7 +42,7 @@ import polars as pl
 
 from . import metrics, plots, schemas
 from .atomic import write_text
-from .inputcheck import require_inputs
+from .inputcheck import prog_of, require_inputs
 from .labels import EXPRESSIONS, NUM_EXPRESSIONS
 from .truth import PROB_COLS, load_ground_truth
 
@@ -298,7 +298,7 @@ def write_report(metrics_path: str | os.PathLike, ensemble_path: str | os.PathLi
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ferflow.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog_of("report"), description=__doc__.split("\n\n")[0])
     p.add_argument("--metrics", required=True, help="metrics.json written by ferflow.evaluate")
     p.add_argument("--ensemble", required=True, help="the ensemble's PREDICTIONS on the evaluation split "
                    "(ensemble_<split>.parquet, written by ferflow.evaluate)")
@@ -314,7 +314,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    require_inputs("python -m ferflow.report", [("--metrics", args.metrics, "file"), ("--ensemble", args.ensemble, "file"),
+    require_inputs(prog_of("report"), [("--metrics", args.metrics, "file"), ("--ensemble", args.ensemble, "file"),
                                                 ("--ensemble-smoothed", args.ensemble_smoothed, "file"),
                                                 ("--accounting", args.accounting, "file")])
     for name, path in write_report(args.metrics, args.ensemble, args.accounting, args.out_dir, args.video_sources,

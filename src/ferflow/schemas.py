@@ -215,11 +215,17 @@ def write_table(df: pl.DataFrame, path: str | os.PathLike, schema: Schema) -> No
 
 
 def read_table(path: str | os.PathLike, schema: Schema) -> pl.DataFrame:
-    """Read a parquet written by :func:`write_table`, checking its columns and dtypes."""
+    """Read a parquet written by :func:`write_table`, checking its columns and dtypes. Raises
+    FileNotFoundError, or :class:`SchemaError` naming the file when it is not a parquet table or
+    does not match ``schema``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table")
-    df = pl.read_parquet(path)
+    try:
+        df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SchemaError(f"{path}: not a readable parquet table ({reason})") from None
     wrong = {c: str(df.schema[c]) for c, t in schema.items() if c in df.columns and df.schema[c] != t}
     missing = [c for c in schema if c not in df.columns]
     if missing or wrong:

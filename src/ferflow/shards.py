@@ -41,9 +41,9 @@ from pathlib import Path
 import polars as pl
 
 from .atomic import atomic_dir, atomic_path, write_text
-from .inputcheck import require_inputs
+from .inputcheck import error, fail, prog_of, require_inputs
 from .schemas import (ACCOUNTING, DROP_REASONS, FACES, ISSUES, LABEL_USABLE, LABELS, MANIFEST, TASKS, WHOLE_VIDEO,
-                      read_table, write_table)
+                      SchemaError, read_table, write_table)
 
 
 class AccountingError(AssertionError):
@@ -394,23 +394,26 @@ def summary_text(rows: pl.DataFrame, issues: pl.DataFrame | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ferflow.shards", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog_of("shards"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", nargs="+", required=True, help="MANIFEST parquet of each source (ferflow.index)")
     parser.add_argument("--faces", nargs="*", default=[], help="FACES tables <faces>/<source>/<unit>.parquet (tar beside)")
     parser.add_argument("--issues", nargs="*", default=[], help="ISSUES tables of the index stage, for the summary")
     parser.add_argument("--out", required=True, help="shard directory")
     parser.add_argument("--accounting", required=True,
                         help="ACCOUNTING parquet to write: one row per annotated frame, written or dropped with a reason")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard tar (default: 1000)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000,
+                        help="samples per shard tar, at least 1 (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle across videos and sources (default: 0)")
     parser.add_argument("--summary", help="also write the printed accounting summary to this text file")
     args = parser.parse_args(argv)
     require_inputs(parser.prog, [("--manifest", m, "file") for m in args.manifest]
-                   + [("--faces", f, "file") for f in args.faces])
+                   + [("--faces", f, "file") for f in args.faces] + [("--issues", f, "file") for f in args.issues])
+    if args.samples_per_shard < 1:
+        fail(parser.prog, f"--samples-per-shard {args.samples_per_shard}: must be at least 1")
     try:
         rows = write_shards(args.manifest, args.faces, args.out, args.accounting, args.samples_per_shard, args.seed)
-    except AccountingError as exc:
-        print(f"write_shards: {exc}", file=sys.stderr)
+    except (AccountingError, SchemaError) as exc:  # inputs that do not add up, or are not the tables they should be
+        error(parser.prog, str(exc))
         return 1
     text = summary_text(rows, load_issues(args.issues))
     print(text)

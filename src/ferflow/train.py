@@ -19,6 +19,11 @@ Outputs in ``--out``:
 - ``history.csv`` and ``curves.png``: per-epoch learning rate, loss parts, training images/s,
   micro-batch, ranks, peak memory and, when the shards have a validation split, its expression
   macro F1 and mean VA CCC.
+- ``steps.csv``: a row every ``--loss-every`` optimiser steps (default: every step; an epoch's last
+  row may hold fewer): ``global_step`` (the row's last step), ``epoch``, ``steps`` and ``samples``
+  in the row, each loss part's mean per training sample over those steps, ``lr`` and ``img_per_s``.
+  The rows travel in the checkpoint, so a resumed run writes those of an uninterrupted one (all but
+  ``img_per_s``). ``curves.png`` plots them under the per-epoch curves.
 
 ``batch_size`` is the optimisation batch, fed in micro-batches of ``micro_batch`` (auto: the
 memory plan, :func:`plan_micro_batch`) with gradients accumulated to one optimiser step. Under
@@ -44,7 +49,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +59,7 @@ from tqdm import tqdm
 
 from . import data, devices, metrics, shardio
 from .atomic import atomic_path, write_text
-from .inputcheck import require_inputs
+from .inputcheck import fail, json_problem, prog_of, require_inputs
 from .predict import autocast, infer, to_device
 
 log = logging.getLogger("ferflow.train")
@@ -98,6 +103,8 @@ ENV_MEMORY = "FERFLOW_DEVICE_MEMORY_GIB"
 #: Where ``micro_batch: auto`` caches its GPU probes (default: ~/.cache/ferflow).
 ENV_CACHE = "FERFLOW_CACHE_DIR"
 CHECKPOINT_FORMAT = 1
+#: steps.csv's columns, in order (see :meth:`Trainer.step_rows`)
+STEP_COLUMNS = ("global_step", "epoch", "steps", "samples", *(f"loss_{k}" for k in LOSS_PARTS), "lr", "img_per_s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,23 +132,36 @@ def resolve_settings(given: dict) -> dict:
 
 
 def read_settings(text: str) -> dict:
-    """A JSON string, or the path of a JSON or YAML file."""
+    """A JSON string, or the path of a JSON or YAML file. Raises ValueError naming the file (if
+    any), the line and column of bad JSON or YAML, or a value that is not a mapping."""
     path = Path(text)
+    where = ""
     if not text.lstrip().startswith("{") and path.is_file():
-        content = path.read_text()
+        where = f"{path}: "
+        text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            return yaml.safe_load(content) or {}
-        return json.loads(content)
-    return json.loads(text)
+            try:
+                value = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{where}not valid YAML ({' '.join(str(exc).split())})") from None
+            text = None
+    if text is not None:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}{json_problem(exc)}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}a mapping of settings is expected, not {type(value).__name__}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ferflow.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog_of("train"), description=__doc__.split("\n")[0])
     p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
     p.add_argument("--settings", default="{}", help="variant settings: JSON string or JSON/YAML file")
-    p.add_argument("--out", required=True, help="output folder (last.pt, model.pt, history.csv, curves.png)")
+    p.add_argument("--out", required=True, help="output folder (last.pt, model.pt, history.csv, steps.csv, curves.png)")
     p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from <out>/last.pt when it exists (default: on)")
@@ -154,6 +174,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="progress bar on stderr (default: when stderr is a terminal)")
     p.add_argument("--log-every", type=int, default=50,
                    help="without a progress bar, log loss, img/s and the epoch's ETA every N steps (0: never)")
+    p.add_argument("--loss-every", type=int, default=1,
+                   help="a row of steps.csv (the mean loss parts, lr and img/s of those steps) every N "
+                   "optimiser steps (default: 1, every step)")
     return p
 
 
@@ -284,12 +307,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def checkpoint_state(settings, model, criterion, optimizer, scheduler, scaler, epoch, step,
                      global_step, position: data.DataPosition, sums: dict, history: list,
-                     device: torch.device) -> dict:
+                     device: torch.device, steps: list | None = None, steps_open: dict | None = None) -> dict:
     """Everything a resumed run needs. Loadable with ``torch.load(weights_only=True)``.
 
     ``epoch``: the epoch in progress (== epochs when training is done); ``step``: optimiser steps
     done in it; ``data``: batches consumed per loader worker (the exact stream position);
-    ``sums``: running loss sums of the epoch; ``history``: finished epochs' rows.
+    ``sums``: running loss sums of the epoch; ``history``: finished epochs' rows; ``steps``: the
+    rows of steps.csv so far, ``steps_open``: the sums of the row in progress (steps, samples,
+    seconds, loss parts). A checkpoint without the last two (older runs) resumes with no step rows.
     """
     return {
         "format": CHECKPOINT_FORMAT,
@@ -306,6 +331,8 @@ def checkpoint_state(settings, model, criterion, optimizer, scheduler, scaler, e
         "data": position.state_dict(),
         "sums": dict(sums),
         "history": list(history),
+        "steps": list(steps or []),
+        "steps_open": dict(steps_open or {}),
     }
 
 
@@ -542,6 +569,9 @@ class Trainer:
         self.position = data.DataPosition.start(0, int(settings["workers"]))
         self.sums: dict[str, float] = {}
         self.history: list[dict] = []
+        self.steps: list[dict] = []  # steps.csv rows; loss parts still on the device until step_rows()
+        self.loss_every = int(getattr(args, "loss_every", 1) or 1)
+        self._open_row()
 
     # --- checkpoints
 
@@ -550,7 +580,8 @@ class Trainer:
             return
         save_checkpoint(self.ckpt_path, checkpoint_state(
             self.settings, self.model, self.criterion, self.optimizer, self.scheduler, self.scaler,
-            self.epoch, self.step, self.global_step, self.position, self._sums_now(), self.history, self.device))
+            self.epoch, self.step, self.global_step, self.position, self._sums_now(), self.history, self.device,
+            self.step_rows(), self._open_state()))
 
     def resume(self) -> bool:
         if not self.ckpt_path.is_file():
@@ -569,6 +600,8 @@ class Trainer:
         self.position = data.DataPosition.from_state(ckpt["data"])
         self.sums = dict(ckpt["sums"])
         self.history = list(ckpt["history"])
+        self.steps = [dict(r) for r in ckpt.get("steps", [])]
+        self._open_row(ckpt.get("steps_open") or None)
         log.info("resumed from %s: epoch %d, step %d (global step %d)", self.ckpt_path,
                  self.epoch, self.step, self.global_step)
         return True
@@ -619,13 +652,20 @@ class Trainer:
         for batch in loader:
             n = len(batch["expr"])  # the global batch (with ranks, "image" holds this rank's part)
             if self._trainable(n):
-                loss_sum += self.train_step(batch).double() * n
+                weighted = self.train_step(batch).double() * n
+                loss_sum += weighted
+                self._row_parts += weighted
+                self._row["steps"] += 1
+                self._row["samples"] += n
                 self.step += 1
                 self.global_step += 1
                 self.sums["samples"] = self.sums.get("samples", 0.0) + n
             now = time.perf_counter()
             self.sums["seconds"] = self.sums.get("seconds", 0.0) + (now - t_last)
+            self._row["seconds"] += now - t_last
             t_last = now
+            if self._row["steps"] >= self.loss_every:
+                self._close_row()
             self.position.advance(batch["worker"])
             bar.update(1)
             if not self._trainable(n):
@@ -644,6 +684,8 @@ class Trainer:
             if every and self.global_step % every == 0:
                 self.save()
         bar.close()
+        if self._row["steps"]:  # rows never span two epochs
+            self._close_row()
         sums = self.sums = self._sums_now()
         samples = sums.get("samples", 0.0)
         row = {f"loss_{k}": sums.get(k, 0.0) / samples if samples else math.nan for k in LOSS_PARTS}
@@ -669,6 +711,40 @@ class Trainer:
         if getattr(self, "_loss_sum", None) is not None:
             sums.update(zip(LOSS_PARTS, self._loss_sum.tolist()))
         return sums
+
+    # --- steps.csv rows
+
+    def _open_row(self, state: dict | None = None) -> None:
+        """Start a steps.csv row, or continue the one a checkpoint holds (:meth:`_open_state`)."""
+        state = state or {}
+        self._row = {k: state.get(k, 0) for k in ("steps", "samples", "seconds")}
+        parts = state.get("parts") or [0.0] * len(LOSS_PARTS)
+        self._row_parts = torch.tensor(parts, dtype=torch.float64, device=self.device)
+
+    def _open_state(self) -> dict:
+        return {**self._row, "parts": self._row_parts.tolist()}
+
+    def _close_row(self) -> None:
+        """Append the row in progress to ``self.steps``; its loss parts stay on the device (no host
+        sync per step) until :meth:`step_rows` reads them all at once."""
+        r = self._row
+        self.steps.append({"global_step": self.global_step, "epoch": self.epoch + 1, "steps": r["steps"],
+                           "samples": int(r["samples"]), "parts": self._row_parts / max(r["samples"], 1),
+                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "img_per_s": r["samples"] / r["seconds"] if r["seconds"] > 0 else math.nan})
+        self._open_row()
+
+    def step_rows(self) -> list[dict]:
+        """The finished steps.csv rows (columns :data:`STEP_COLUMNS`), host numbers only."""
+        pending = [i for i, r in enumerate(self.steps) if "parts" in r]
+        if pending:
+            values = torch.stack([self.steps[i]["parts"] for i in pending]).tolist()
+            for i, v in zip(pending, values):
+                row = self.steps[i]
+                del row["parts"]
+                row.update({f"loss_{k}": x for k, x in zip(LOSS_PARTS, v)})
+                self.steps[i] = {c: row[c] for c in STEP_COLUMNS}
+        return [dict(r) for r in self.steps]
 
     def _log_first_step(self, n: int) -> None:
         log.info("first optimiser step done: measured peak memory %.2f GiB on %s (estimated %.2f GiB), "
@@ -734,7 +810,7 @@ class Trainer:
             self.position = data.DataPosition.start(self.epoch, int(s["workers"]))
             self.save()
         if self.rank == 0:
-            write_outputs(self.out, self.model, s, self.history)
+            write_outputs(self.out, self.model, s, self.history, self.step_rows())
             # the run is complete: the resumable checkpoint has done its job (#16)
             self.ckpt_path.unlink(missing_ok=True)
             log.info("removed %s (the run is complete)", self.ckpt_path)
@@ -798,7 +874,8 @@ def score(probs: np.ndarray, va: np.ndarray, expr_true: np.ndarray, va_true: np.
 # outputs
 
 
-def write_outputs(out: Path, model, settings: dict, history: list[dict]) -> None:
+def write_outputs(out: Path, model, settings: dict, history: list[dict], steps: list[dict] | None = None) -> None:
+    """model.pt, history.csv, steps.csv and curves.png in ``out``, each written atomically."""
     final = {
         "model_state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "settings": settings,
@@ -808,12 +885,15 @@ def write_outputs(out: Path, model, settings: dict, history: list[dict]) -> None
     with atomic_path(out / "model.pt") as tmp:
         torch.save(final, tmp)
     write_history(out / "history.csv", history)
-    plot_curves(out / "curves.png", history, settings.get("name", ""))
-    log.info("wrote %s, history.csv, curves.png", out / "model.pt")
+    write_history(out / "steps.csv", steps or [], STEP_COLUMNS)
+    plot_curves(out / "curves.png", history, settings.get("name", ""), steps)
+    log.info("wrote %s, history.csv, steps.csv, curves.png", out / "model.pt")
 
 
-def write_history(path: Path, history: list[dict]) -> None:
-    columns: list[str] = []
+def write_history(path: Path, history: list[dict], columns: Sequence[str] = ()) -> None:
+    """``history`` as csv (atomically): ``columns`` first, then every other key in order of
+    appearance; NaN is an empty field."""
+    columns = list(columns)
     for row in history:
         columns += [c for c in row if c not in columns]
     buf = io.StringIO()
@@ -824,7 +904,10 @@ def write_history(path: Path, history: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
+def plot_curves(path: Path, history: list[dict], title: str = "", steps: list[dict] | None = None) -> None:
+    """The training curves as PNG (atomically): per epoch (``history``) the mean loss parts and the
+    validation scores, integer epoch ticks; with ``steps`` (steps.csv rows) a panel below with the
+    loss parts against the global optimiser step, epoch ends marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -832,7 +915,13 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps:
+        fig = plt.figure(figsize=(10, 7.5))
+        grid = fig.add_gridspec(2, 2, height_ratios=(1, 1))
+        ax_loss, ax_val = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+        _plot_steps(fig.add_subplot(grid[1, :]), steps, MaxNLocator)
+    else:
+        fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
     for part in LOSS_PARTS:
         ys = [r.get(f"loss_{part}", math.nan) for r in history]
         if any(y for y in ys if not math.isnan(y)):
@@ -860,22 +949,46 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
     plt.close(fig)
 
 
+def _plot_steps(ax, steps: list[dict], locator) -> None:
+    """steps.csv rows on ``ax``: each loss part against the global step; a dotted line after each
+    epoch's last step."""
+    x = [r["global_step"] for r in steps]
+    for part in LOSS_PARTS:
+        ys = [r.get(f"loss_{part}", math.nan) for r in steps]
+        if any(y for y in ys if not math.isnan(y)):
+            ax.plot(x, ys, linewidth=1, marker="." if len(x) <= 60 else None, label=part)
+    ends = [a["global_step"] for a, b in zip(steps, steps[1:]) if a["epoch"] != b["epoch"]]
+    for end in ends:
+        ax.axvline(end + 0.5, color="grey", linestyle=":", linewidth=1)
+    per = {r["steps"] for r in steps}
+    every = f"every {max(per)} steps" if max(per) > 1 else "every step"
+    ax.set(xlabel="optimiser step (dotted: end of an epoch)", ylabel="mean loss per training sample",
+           title=f"loss {every}")
+    ax.xaxis.set_major_locator(locator(integer=True))
+    ax.legend(fontsize="small", ncol=len(LOSS_PARTS))
+
+
 # --------------------------------------------------------------------------------------------
 # main
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    require_inputs("python -m ferflow.train", [("--shards", args.shards, "dir"),
-                                               ("--shards", Path(args.shards) / "labels.parquet", "file")])
+    prog = prog_of("train")
+    require_inputs(prog, [("--shards", args.shards, "dir"), ("--shards", Path(args.shards) / "labels.parquet", "file")])
+    if args.loss_every < 1:
+        fail(prog, f"--loss-every {args.loss_every}: must be at least 1")
+    try:
+        settings = resolve_settings(read_settings(args.settings))
+    except (ValueError, OSError) as exc:  # bad JSON / YAML, unknown keys, an unreadable file
+        fail(prog, f"--settings: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = resolve_settings(read_settings(args.settings))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.resume and is_complete(out, settings):
-        log.info("%s is complete (model.pt, history.csv and curves.png of these settings); nothing to do", out)
+        log.info("%s is complete (model.pt, history.csv, steps.csv and curves.png of these settings); nothing to do", out)
         return 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if os.environ.get("LOCAL_RANK") is not None:
@@ -928,7 +1041,7 @@ def die_with_parent() -> None:
 def is_complete(out: Path, settings: dict) -> bool:
     """True when ``out`` holds a finished run's outputs for ``settings`` (and no checkpoint: a
     complete run removes it). Raises ValueError when they were written with other settings."""
-    if (out / "last.pt").exists() or not all((out / f).is_file() for f in ("model.pt", "history.csv", "curves.png")):
+    if (out / "last.pt").exists() or not all((out / f).is_file() for f in ("model.pt", "history.csv", "steps.csv", "curves.png")):
         return False
     saved = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     check_same_settings(out / "model.pt", saved.get("settings", {}), settings)

@@ -9,6 +9,7 @@ rule train_variant:
     output:
         model=f"{RESULTS}/models/{{variant}}/model.pt",
         history=f"{RESULTS}/models/{{variant}}/history.csv",
+        steps=f"{RESULTS}/models/{{variant}}/steps.csv",
         curves=report(f"{RESULTS}/models/{{variant}}/curves.png", caption="../report/curves.rst", category="Training", subcategory="{variant}"),
     params:
         settings=lambda wc, output: variant_settings(wc.variant),
