@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -241,6 +242,80 @@ def duplicates(manifest: pl.DataFrame) -> pl.DataFrame:
         drop=pl.when(dup.to_series() & pl.col("drop").is_null()).then(pl.lit("duplicate")).otherwise(pl.col("drop")))
 
 
+def crop_index(tar_paths: list[str]) -> pl.DataFrame:
+    """Where each member of the units' tars lies: one row per member with ``tar``, ``member``,
+    ``_offset`` and ``_size`` (bytes of its data in the file) and ``_regular`` (a regular file, not
+    a link), read from the tar headers alone (no crop is read; one tar's headers in memory at a
+    time). A name that repeats in a tar is its last member's (as extraction would give it). Raises
+    ValueError naming the tar for an unsafe member name (:func:`safe_member_name`)."""
+    parts = []
+    for path in tar_paths:
+        names, offsets, sizes, regular = [], [], [], []
+        with tarfile.open(path, "r") as t:
+            for m in t:
+                names.append(safe_member_name(m.name, path))
+                offsets.append(m.offset_data)
+                sizes.append(m.size)
+                regular.append(m.isfile())
+            t.members = []
+        parts.append(pl.DataFrame({"member": names, "_offset": offsets, "_size": sizes, "_regular": regular},
+                                  schema={"member": pl.String, "_offset": pl.Int64, "_size": pl.Int64,
+                                          "_regular": pl.Boolean})
+                     .unique("member", keep="last", maintain_order=True).with_columns(tar=pl.lit(path)))
+    if not parts:
+        return pl.DataFrame(schema={"member": pl.String, "_offset": pl.Int64, "_size": pl.Int64,
+                                    "_regular": pl.Boolean, "tar": pl.String})
+    return pl.concat(parts)
+
+
+def check_crops(written: pl.DataFrame) -> None:
+    """Every written row's crop is a regular member of its tar (``written`` joined with
+    :func:`crop_index`). Raises FileNotFoundError (missing) or ValueError (a link or another
+    non-file member), naming the tar and the member."""
+    missing = written.filter(pl.col("_offset").is_null())
+    if missing.height:
+        r = missing.row(0, named=True)
+        raise FileNotFoundError(f"{r['tar']}: crop {r['member']!r} listed in its table is missing"
+                                + (f" ({missing.height} crops in all)" if missing.height > 1 else ""))
+    odd = written.filter(~pl.col("_regular"))
+    if odd.height:  # a link would be resolved inside the archive
+        r = odd.row(0, named=True)
+        raise ValueError(f"{r['tar']}: crop {r['member']!r} is not a regular file")
+
+
+class CropReader:
+    """Reads crops out of the units' tars by offset (``os.pread``), keeping at most ``max_open``
+    files open (least recently used closed first): the samples are shuffled across every unit, so
+    a crop comes from any of hundreds of tars."""
+
+    def __init__(self, max_open: int = 64):
+        self.max_open = max_open
+        self.fds: dict[str, int] = {}
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            if len(self.fds) >= self.max_open:
+                os.close(self.fds.pop(next(iter(self.fds))))
+            fd = os.open(path, os.O_RDONLY)
+        self.fds[path] = fd  # most recently used last
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ValueError(f"{path}: crop at byte {offset} is cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> "CropReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, accounting_path: str,
                  samples_per_shard: int = 1000, seed: int = 0) -> pl.DataFrame:
     """Write the shards, ``labels.parquet`` and the accounting; returns the accounting rows.
@@ -258,41 +333,32 @@ def write_shards(manifests: list[str], faces_tables: list[str], out_dir: str, ac
     n_members = 0
     # shuffle across videos and sources, deterministically, per split
     labels = []
+    # where each crop lies in its unit's tar, from the tar headers (checked before any shard is written)
+    crops = crop_index(written["tar"].unique().sort().to_list())
+    written = written.join(crops, on=["tar", "member"], how="left", maintain_order="left")
+    del crops
+    check_crops(written)
     # the accounting is written before the shard directory is committed, and renamed into place
     # after it: a failed write (a full disk) leaves the shards, labels and accounting of the last
     # run, or no output at all, never a half-written one
-    with atomic_path(accounting_path) as accounting_tmp, atomic_dir(out_dir) as tmp:
-        tars: dict[str, tarfile.TarFile] = {}
-        members: dict[str, dict[str, tarfile.TarInfo]] = {}
-        try:
-            for split in sorted(written["split"].unique().to_list()):
-                part = written.filter(pl.col("split") == split).sort("key").sample(
-                    fraction=1.0, shuffle=True, seed=seed)
-                part = part.with_columns(
-                    shard=pl.format("{}/shard-{}.tar", pl.lit(split),
-                                    (pl.int_range(pl.len()) // samples_per_shard).cast(pl.String).str.zfill(5)))
-                (Path(tmp) / split).mkdir(parents=True, exist_ok=True)
-                for shard_name, group in part.group_by("shard", maintain_order=True):
-                    with tarfile.open(Path(tmp) / shard_name[0], "w", format=tarfile.PAX_FORMAT) as out:
-                        for key, member, tar_path in group.select("key", "member", "tar").iter_rows():
-                            if tar_path not in tars:
-                                tars[tar_path] = tarfile.open(tar_path, "r")
-                                members[tar_path] = {safe_member_name(m.name, tar_path): m
-                                                     for m in tars[tar_path].getmembers()}
-                            info = members[tar_path].get(safe_member_name(member, tar_path))
-                            if info is None:
-                                raise FileNotFoundError(f"{tar_path}: crop {member!r} listed in its table is missing")
-                            if not info.isfile():  # a link would be resolved inside the archive
-                                raise ValueError(f"{tar_path}: crop {member!r} is not a regular file")
-                            data = tars[tar_path].extractfile(info).read()
-                            new = tarfile.TarInfo(f"{key}.jpg")
-                            new.size, new.mtime, new.mode = len(data), 0, 0o644
-                            out.addfile(new, io.BytesIO(data))
-                            n_members += 1
-                labels.append(part)
-        finally:
-            for t in tars.values():
-                t.close()
+    with atomic_path(accounting_path) as accounting_tmp, atomic_dir(out_dir) as tmp, CropReader() as reader:
+        for split in sorted(written["split"].unique().to_list()):
+            part = written.filter(pl.col("split") == split).sort("key").sample(
+                fraction=1.0, shuffle=True, seed=seed)
+            part = part.with_columns(
+                shard=pl.format("{}/shard-{}.tar", pl.lit(split),
+                                (pl.int_range(pl.len()) // samples_per_shard).cast(pl.String).str.zfill(5)))
+            (Path(tmp) / split).mkdir(parents=True, exist_ok=True)
+            # one shard at a time, one crop at a time: memory does not grow with the number of samples
+            for shard_name, group in part.group_by("shard", maintain_order=True):
+                with tarfile.open(Path(tmp) / shard_name[0], "w", format=tarfile.PAX_FORMAT) as out:
+                    for key, tar_path, offset, size in group.select("key", "tar", "_offset", "_size").iter_rows():
+                        data = reader.read(tar_path, offset, size)
+                        new = tarfile.TarInfo(f"{key}.jpg")
+                        new.size, new.mtime, new.mode = len(data), 0, 0o644
+                        out.addfile(new, io.BytesIO(data))
+                        n_members += 1
+            labels.append(part.drop("_offset", "_size", "_regular"))
         label_table = pl.concat(labels) if labels else pl.DataFrame(schema=LABELS)
         if not (n_members == label_table.height == written.height):
             raise AccountingError(f"{written.height} samples to write, {n_members} written to shards, "
