@@ -544,6 +544,32 @@ def run_extract(work: Path, lengths=(1000, 54000), log=print) -> dict[int, Cost]
     return out
 
 
+# ---- evaluation alone at a given number of scored frames ----------------------------------------
+def run_evaluate_only(work: Path, frames: int, log=print) -> Cost:
+    """``python -m ferflow.evaluate`` (6 variants, smoothing auto, plots) on ``frames`` scored
+    frames of one split: the accounting and predictions of ``bench/evaluate.py``'s generator (its
+    mean video of 5,000 frames), written as parquet files."""
+    work.mkdir(parents=True, exist_ok=True)
+    had = "_RJEM_MALLOC_CONF" in os.environ
+    import evaluate as bench_evaluate  # bench/evaluate.py (sets polars' allocator for its own process)
+
+    if not had:  # the stage runs with polars' default allocator, as in the workflow
+        os.environ.pop("_RJEM_MALLOC_CONF", None)
+    acc, preds = bench_evaluate.make_data(frames, VARIANTS, 5000)
+    schemas.write_table(acc, work / "accounting.parquet", schemas.ACCOUNTING)
+    paths = []
+    for name, df in preds.items():
+        paths.append(f"{name}={work / (name + '.parquet')}")
+        schemas.write_table(df, work / f"{name}.parquet", schemas.PREDICTIONS)
+    del acc, preds
+    c = measure([sys.executable, "-m", "ferflow.evaluate", "--predictions", *paths, "--accounting",
+                 str(work / "accounting.parquet"), "--split", "validation", "--smoothing", "auto",
+                 "--out-dir", str(work / "evaluation")], work / "evaluate.log")
+    c.disk_mib = disk_mib(work / "evaluation")
+    log(f"  evaluate, {frames:,} scored frames, {VARIANTS} variants: {fmt_cost(c)}")
+    return c
+
+
 # ---- report ------------------------------------------------------------------------------------
 def report(runs: list[dict], log=print) -> None:
     fr = [r["frames"] for r in runs]
@@ -583,13 +609,15 @@ def report(runs: list[dict], log=print) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
+    ap.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.1, 1.0],
                     help="fractions of full ABAW3 size to run (default 0.01 0.1 1)")
     ap.add_argument("--max-fraction", type=float, default=None, help="leave out fractions above this (CI: 0.01)")
     ap.add_argument("--work", default=None, help="folder for the data and outputs (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep each fraction's data and outputs (default: deleted)")
     ap.add_argument("--extract", action="store_true", help="also measure extraction of 1,000 and 54,000 frames")
     ap.add_argument("--extract-frames", type=int, nargs="+", default=[1000, 54000])
+    ap.add_argument("--evaluate-frames", type=int, nargs="*", default=[],
+                    help="also measure the evaluation alone at these numbers of scored frames (e.g. 3000000)")
     ap.add_argument("--json", help="write the measurements to this JSON file")
     ap.add_argument("--plan-loader", metavar="SHARDS", help=argparse.SUPPRESS)
     ap.add_argument("--write-predictions", nargs=3, metavar=("SHARDS", "OUT", "SEED"), help=argparse.SUPPRESS)
@@ -616,7 +644,8 @@ def main(argv=None) -> int:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
         print(f"  load average now {os.getloadavg()[0]:.2f}", flush=True)
-    report(runs)
+    if runs:
+        report(runs)
     extracted = {}
     if args.extract:
         print("\nextraction (Haar, 160x120 video, detect_size 160):", flush=True)
@@ -628,11 +657,20 @@ def main(argv=None) -> int:
         (a, ca), (b, cb) = list(extracted.items())[0], list(extracted.items())[-1]
         print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
               f"({cb.peak_mib - ca.peak_mib:+.0f} MiB); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
+    evaluated = {}
+    for n in args.evaluate_frames:
+        print(f"\nevaluation alone at {n:,} scored frames:", flush=True)
+        try:
+            evaluated[n] = run_evaluate_only(base / f"evaluate_{n}", n)
+        finally:
+            if not args.keep:
+                shutil.rmtree(base / f"evaluate_{n}", ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "load": load_line(), "runs": [{**{k: v for k, v in r.items() if k != "costs"},
                                            "costs": {s: vars(c) for s, c in r["costs"].items()}} for r in runs],
-            "extract": {n: vars(c) for n, c in extracted.items()}}, indent=1) + "\n")
+            "extract": {n: vars(c) for n, c in extracted.items()},
+            "evaluate": {n: vars(c) for n, c in evaluated.items()}}, indent=1) + "\n")
     if not args.work and not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0
