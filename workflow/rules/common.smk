@@ -403,3 +403,54 @@ def train_launcher(wildcards):
         return "python"
     return (f"python -m ferflow.devices --gpus {k} -- python -m torch.distributed.run --standalone"
             f" --nproc-per-node {k}")
+
+
+# ---- resources from measurements (bench/scale.py; docs/running.md, "Sizing") ----------------------
+# Memory of the stages that hold the tables of a whole dataset grows with their input, so the rules ask
+# for it as a function of the size of their input: Snakemake evaluates such a function once the inputs
+# exist (a FileNotFoundError before then defers it), so a cluster job asks for what its data needs.
+# The factors are the peak resident memory that bench/scale.py measured per MB of input at full
+# ABAW3 size (2.8M Aff-Wild2 frames, 290k AffectNet, 90k ExpW rows), with headroom.
+def files_mb(paths):
+    """Total size in MB of the files (folders: their files) in ``paths``."""
+    total = 0
+    for p in paths:
+        if os.path.isdir(p):
+            total += sum(e.stat().st_size for e in os.scandir(p) if e.is_file())
+        else:
+            total += os.path.getsize(p)  # FileNotFoundError: Snakemake asks again once it exists
+    return total / 1e6
+
+
+# index: MB of peak memory per MB of annotation files. Measured at full size: Aff-Wild2 1590 MB for
+# 33 MB of EXPR/VA files (48/MB), AffectNet 634 MB for its 255 MB csv (2.5/MB), ExpW 200 MB for a
+# 4.5 MB label.lst (44/MB); other kinds: the factor of Aff-Wild2.
+INDEX_MB_PER_INPUT_MB = {"affwild2": 60, "affectnet": 4, "expw": 60}
+
+
+def index_mem_mb(wildcards):
+    src = SOURCES[wildcards.source]
+    files = [f for f in index_inputs(wildcards) if not is_demo_path(f)]
+    return int(1000 + INDEX_MB_PER_INPUT_MB.get(src["kind"], 60) * files_mb(files))
+
+
+# shards: peak memory per MB of manifests (3.2M rows in 11.7 MB of parquet at full size); disk: the
+# shards are a copy of the crops (1565 vs 1490 bytes per sample measured), plus labels and accounting.
+SHARDS_MB_PER_MANIFEST_MB = 400
+
+
+def shards_mem_mb(wildcards, input):
+    return int(1000 + SHARDS_MB_PER_MANIFEST_MB * files_mb(input.manifests))
+
+
+def shards_disk_mb(wildcards, input):
+    return int(1000 + 1.2 * files_mb(input.tars))
+
+
+# evaluation: peak memory per MB of prediction files and accounting (3.0 GB for 6 variants of 3M
+# scored frames, 690 MB of predictions and 25 MB of accounting).
+EVAL_MB_PER_INPUT_MB = 5
+
+
+def evaluate_mem_mb(wildcards, input):
+    return int(1000 + EVAL_MB_PER_INPUT_MB * files_mb([*input.predictions, input.accounting]))

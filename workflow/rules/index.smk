@@ -18,7 +18,8 @@ rule index_source:
         "logs/index_source/{source}.log",
     threads: 1
     resources:
-        mem_mb=2000,
+        # measured (bench/scale.py, full ABAW3): Aff-Wild2 1590 MB peak, 11 s CPU; AffectNet 634 MB
+        mem_mb=index_mem_mb,
         runtime=20,
     conda:
         "../../envs/ferflow.yaml"
