@@ -434,9 +434,10 @@ def index_mem_mb(wildcards):
     return int(1000 + INDEX_MB_PER_INPUT_MB.get(src["kind"], 60) * files_mb(files))
 
 
-# shards: peak memory per MB of manifests (3.2M rows in 11.7 MB of parquet at full size); disk: the
-# shards are a copy of the crops (1565 vs 1490 bytes per sample measured), plus labels and accounting.
-SHARDS_MB_PER_MANIFEST_MB = 400
+# shards: peak memory per MB of manifests (2.87 GB measured for 3.2M rows in 11.7 MB of parquet at
+# full size: 160/MB); disk: the shards are a copy of the crops (1565 vs 1490 bytes per sample
+# measured), plus labels and accounting.
+SHARDS_MB_PER_MANIFEST_MB = 250
 
 
 def shards_mem_mb(wildcards, input):
@@ -447,9 +448,9 @@ def shards_disk_mb(wildcards, input):
     return int(1000 + 1.2 * files_mb(input.tars))
 
 
-# evaluation: peak memory per MB of prediction files and accounting (3.0 GB for 6 variants of 3M
-# scored frames, 690 MB of predictions and 25 MB of accounting).
-EVAL_MB_PER_INPUT_MB = 5
+# evaluation: peak memory per MB of prediction files and accounting (3.0 GB measured for 6 variants
+# of 3M scored frames, about 700 MB of predictions and accounting: 2.9/MB).
+EVAL_MB_PER_INPUT_MB = 4
 
 
 def evaluate_mem_mb(wildcards, input):
