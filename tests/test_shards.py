@@ -195,3 +195,33 @@ def test_a_unit_with_usable_frames_and_no_faces_table_is_an_error_naming_the_tab
                                               r"expected <faces>/aw/X\.parquet"):
         check_faces_units(manifest, [str(tmp_path / "elsewhere" / "X.parquet")])
     check_faces_units(manifest, [str(tmp_path / "aw" / "X.parquet")])  # H has no usable row: no table needed
+
+
+def test_crops_are_read_by_offset_with_few_files_open(tmp_path):
+    """crop_index + CropReader give each member's own bytes (as tarfile extracts them), with at most
+    max_open tars open however many are read, in any order; a repeated name is its last member."""
+    tars = []
+    for t in range(5):
+        path = tmp_path / f"u{t}.tar"
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as out:
+            for i in range(3):
+                data = f"tar {t} crop {i} ".encode() * (i + 1)
+                info = tarfile.TarInfo(f"v/{i:06d}.jpg")
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+            again = b"the last one"
+            info = tarfile.TarInfo("v/000001.jpg")
+            info.size = len(again)
+            out.addfile(info, io.BytesIO(again))
+        tars.append(str(path))
+    index = shards.crop_index(tars)
+    assert index.height == 5 * 3
+    with shards.CropReader(max_open=2) as reader:
+        for tar_path, member, offset, size in index.sample(fraction=1.0, shuffle=True, seed=3).select(
+                pl.col("tar").cast(pl.String), "member", "_offset", "_size").iter_rows():
+            with tarfile.open(tar_path) as t:
+                want = t.extractfile(t.getmember(member)).read()  # getmember: the last of a repeated name
+            assert reader.read(tar_path, offset, size) == want
+            assert len(reader.fds) <= 2
+        assert len(reader.fds) == 2
+    assert reader.fds == {}
