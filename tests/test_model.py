@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -313,3 +314,113 @@ def test_outputs_are_float32_under_bf16_autocast():
         va = torch.tanh(model.va_bn(model.va_fc(fused)))
     assert torch.allclose(out.expr, expr, rtol=1e-6, atol=1e-6)
     assert torch.allclose(out.va, va, rtol=1e-6, atol=1e-6)
+
+
+# --- the heads run fused (``model.fused_heads``); the reference is the head modules one by one ---
+def _head_state_buffers(heads):
+    return {f"{i}.{name}": b.double().clone() for i, head in enumerate(heads)
+            for name, b in head.named_buffers()}
+
+
+def _head_state(heads):
+    """Every parameter, gradient and buffer of the heads, by name (float64 copies)."""
+    state = {}
+    for i, head in enumerate(heads):
+        for name, p in head.named_parameters():
+            state[f"{i}.{name}"] = p.detach().double().clone()
+            state[f"{i}.{name}.grad"] = p.grad.double().clone()
+        for name, b in head.named_buffers():
+            state[f"{i}.{name}"] = b.double().clone()
+    return state
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_heads_equal_the_head_modules_one_by_one(num_heads, training):
+    """Forward, backward (input and every parameter) and the BN running statistics of
+    ``fused_heads`` against ``torch.stack([head(fmap) ...])``, in float64 so that any difference
+    beyond rounding shows; a random upstream gradient, random BN statistics and affine parameters,
+    and a 4x4 map (ResNet-18 at 112 px) so that the convolutions' padding matters."""
+    from ferflow.model import fused_heads, fusable
+
+    torch.manual_seed(0)
+    model = DAN("resnet18", num_heads=num_heads)
+    _randomise_bn_stats(model)
+    fused = [h.double().train(training) for h in model.head_modules()]
+    for h in fused:  # non-zero biases, so that a bias sent to the wrong head shows
+        for m in h.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.bias.data.normal_(0, 0.1)
+    ref = [copy.deepcopy(h) for h in fused]
+    before = _head_state_buffers(ref)
+    assert fusable(fused)
+    fmap = torch.randn(6, 512, 4, 4, dtype=torch.float64)
+    upstream = torch.randn(6, num_heads, 512, dtype=torch.float64)
+    outs, grads = [], []
+    for heads, run in ((fused, lambda x: fused_heads(heads, x)),
+                       (ref, lambda x: torch.stack([h(x) for h in ref], dim=1))):
+        x = fmap.clone().requires_grad_()
+        out = run(x)
+        (out * upstream).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    assert outs[0].shape == (6, num_heads, 512)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    got, want = _head_state(fused), _head_state(ref)
+    assert list(got) == list(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+    batches = [b for k, b in got.items() if k.endswith("num_batches_tracked")]
+    assert len(batches) == 5 * num_heads and all(b == int(training) for b in batches)
+    moved = [k for k in before if k.endswith("running_mean") and not torch.equal(before[k], want[k])]
+    assert len(moved) == (5 * num_heads if training else 0)  # so the comparison is not vacuous
+
+
+def test_fused_model_matches_per_head_model_in_a_training_step():
+    """The whole model in float32, as trained: outputs, DANLoss gradients and the BN statistics
+    after a training-mode forward, with the heads fused (default) and one by one
+    (``fuse_heads = False``). Float32 rounding differs between the two orders of summation (~1e-6
+    of a value, amplified by the training-mode BNs): per tensor within 1e-4 of its largest value.
+    (No optimiser step: Adam scales the rounding noise of gradients that are zero in exact
+    arithmetic, such as a conv bias before a training-mode BN, up to full-size updates.)"""
+    torch.manual_seed(0)
+    fused = DAN("resnet18", num_heads=4).train()
+    ref = copy.deepcopy(fused)
+    ref.fuse_heads = False
+    criterion = DANLoss(task="both")
+    images = torch.randint(0, 256, (6, 3, 112, 112), dtype=torch.uint8)
+    expr = torch.tensor([0, 3, -1, 7, 2, 2])
+    va = torch.rand(6, 2) * 2 - 1
+    results = []
+    for model in (fused, ref):
+        out = model(images)
+        copy.deepcopy(criterion)(out, expr, va)[0].backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((out, grads, model.state_dict()))
+    (out_f, grads_f, state_f), (out_r, grads_r, state_r) = results
+
+    def close(a, b, what):
+        scale = max(b.abs().max().item(), 1e-3)
+        assert (a.double() - b.double()).abs().max().item() <= 1e-4 * scale, what
+
+    for name in DANOutput._fields:
+        close(getattr(out_f, name), getattr(out_r, name), name)
+    assert list(grads_f) == list(grads_r)
+    for name in grads_r:
+        close(grads_f[name], grads_r[name], f"grad {name}")
+    assert list(state_f) == list(state_r)
+    for name in state_r:
+        close(state_f[name], state_r[name], name)
+
+
+def test_heads_fall_back_to_the_modules_when_a_bn_differs():
+    from ferflow.model import fusable
+
+    model = DAN("resnet18", num_heads=2)
+    assert fusable(model.head_modules())
+    model.cat_head1.sa.conv_3x3[1].momentum = None  # cumulative average: the fused BN cannot do it
+    assert not fusable(model.head_modules())
+    model.cat_head1.sa.conv_3x3[1].momentum = 0.1
+    model.cat_head0.ca.attention[1].eval()
+    assert not fusable(model.head_modules())

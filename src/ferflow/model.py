@@ -173,6 +173,98 @@ class CrossAttentionHead(nn.Module):
         return self.ca(self.sa(x))
 
 
+def _head_batch_norms(heads: list[CrossAttentionHead]) -> list[list[nn.modules.batchnorm._BatchNorm]]:
+    """The heads' BatchNorms grouped by position (conv1x1, 3x3, 1x3, 3x1, channel attention):
+    one list per position, one BN per head."""
+    return [[h.sa.conv1x1[1] for h in heads], [h.sa.conv_3x3[1] for h in heads],
+            [h.sa.conv_1x3[1] for h in heads], [h.sa.conv_3x1[1] for h in heads],
+            [h.ca.attention[1] for h in heads]]
+
+
+def fusable(heads: list[CrossAttentionHead]) -> bool:
+    """Whether :func:`fused_heads` computes what the head modules compute: every BatchNorm is
+    affine, tracks running statistics with a fixed momentum, and the BNs at one position agree on
+    momentum, eps and train/eval mode (true for heads as built; a caller that changes one head's
+    BN makes the model fall back to the modules one by one)."""
+    for bns in _head_batch_norms(heads):
+        first = bns[0]
+        for bn in bns:
+            if not (bn.affine and bn.track_running_stats and bn.momentum is not None
+                    and bn.momentum == first.momentum and bn.eps == first.eps
+                    and bn.training == first.training):
+                return False
+    return True
+
+
+def _cat_batch_norm(bns: list[nn.modules.batchnorm._BatchNorm], x: Tensor) -> Tensor:
+    """``x`` (B, N*C, ...) through N BatchNorms of C channels each, as one ``F.batch_norm`` over
+    the concatenated channels: the same per-channel statistics as each BN on its own slice. In
+    training mode the running statistics are updated as the modules would (momentum,
+    ``num_batches_tracked``) and written back into each module."""
+    first = bns[0]
+    weight = torch.cat([bn.weight for bn in bns])
+    bias = torch.cat([bn.bias for bn in bns])
+    mean = torch.cat([bn.running_mean for bn in bns])
+    var = torch.cat([bn.running_var for bn in bns])
+    out = F.batch_norm(x, mean, var, weight, bias, first.training, first.momentum, first.eps)
+    if first.training:  # F.batch_norm updated the concatenated running stats in place
+        with torch.no_grad():
+            size = first.num_features
+            for bn, m, v in zip(bns, mean.split(size), var.split(size)):
+                bn.running_mean.copy_(m)
+                bn.running_var.copy_(v)
+                bn.num_batches_tracked.add_(1)
+    return out
+
+
+def fused_heads(heads: list[CrossAttentionHead], fmap: Tensor) -> Tensor:
+    """All N cross-attention heads on ``fmap`` (B, C, h, w) at once: (B, N, C), equal to
+    ``torch.stack([head(fmap) for head in heads], dim=1)`` up to float rounding (forward, backward
+    and the BN running statistics; ``tests/test_model.py`` checks it). Requires :func:`fusable`.
+
+    Why: the heads run on small maps (4x4 for ResNet-18 at 112 px), where N sets of small
+    convolutions, BNs and elementwise ops each pay their launch and thread-synchronisation cost;
+    ``bench/train_step.py`` measured DAN's step at 1.55x its FLOP share this way on a loaded
+    2-core CPU. Here each layer runs once for all heads, on parameters concatenated inside
+    ``forward`` (the heads' modules and state-dict keys stay as they are, and the gradients flow
+    back to them through ``torch.cat``):
+
+    - conv1x1 (same input for every head): one conv with the weights concatenated along the
+      output channels; its BN, one ``F.batch_norm`` over the N*C/2 channels;
+    - 3x3, 1x3, 3x1 (each head on its own slice): grouped convs (``groups=N``), a BN each;
+    - the spatial map times the input, averaged over h*w (``sa`` then ``ca``'s pooling): one
+      batched matrix product, without the (B, C, h, w) product per head;
+    - channel attention: ``torch.baddbmm`` over the heads' stacked Linear weights, its BN1d over
+      the N*32 concatenated features.
+    """
+    n = len(heads)
+    b, c, h, w = fmap.shape
+    sas = [head.sa for head in heads]
+    bn_1x1, bn_3x3, bn_1x3, bn_3x1, bn_ca = _head_batch_norms(heads)
+
+    def conv(convs: list[nn.Conv2d], x: Tensor, groups: int) -> Tensor:
+        first = convs[0]
+        return F.conv2d(x, torch.cat([m.weight for m in convs]), torch.cat([m.bias for m in convs]),
+                        padding=first.padding, groups=groups)
+
+    y = _cat_batch_norm(bn_1x1, conv([s.conv1x1[0] for s in sas], fmap, 1))  # (B, N*C/2, h, w)
+    z = (_cat_batch_norm(bn_3x3, conv([s.conv_3x3[0] for s in sas], y, n))
+         + _cat_batch_norm(bn_1x3, conv([s.conv_1x3[0] for s in sas], y, n))
+         + _cat_batch_norm(bn_3x1, conv([s.conv_3x1[0] for s in sas], y, n)))
+    spatial = F.relu(z).reshape(b, n, c, h * w).sum(dim=2)  # (B, N, h*w): each head's map
+    # mean over h*w of fmap * map: (B, N, h*w) @ (B, h*w, C) / (h*w)
+    pooled = torch.bmm(spatial, fmap.reshape(b, c, h * w).transpose(1, 2)) / (h * w)  # (B, N, C)
+    lin1 = [head.ca.attention[0] for head in heads]
+    lin2 = [head.ca.attention[3] for head in heads]
+    hidden = torch.baddbmm(torch.stack([m.bias for m in lin1]).unsqueeze(1), pooled.transpose(0, 1),
+                           torch.stack([m.weight for m in lin1]).transpose(1, 2))  # (N, B, 32)
+    hidden = _cat_batch_norm(bn_ca, hidden.transpose(0, 1).reshape(b, -1))  # (B, N*32)
+    hidden = F.relu(hidden).reshape(b, n, -1).transpose(0, 1)  # (N, B, 32)
+    attention = torch.sigmoid(torch.baddbmm(torch.stack([m.bias for m in lin2]).unsqueeze(1), hidden,
+                                            torch.stack([m.weight for m in lin2]).transpose(1, 2)))
+    return pooled * attention.transpose(0, 1)
+
+
 def make_caffe_style_(resnet: models.ResNet) -> models.ResNet:
     """Turn a torchvision ResNet-50 into the Caffe layout of the VGGFace2 weights, in place.
 
@@ -243,6 +335,8 @@ class DAN(nn.Module):
             self.reduce = _reduction_block()
         self.features = nn.Sequential(*list(resnet.children())[:-2])
         self.num_head = int(num_heads)  # DAN's attribute name
+        # False: the heads run one module after the other (the bench's per-head side, tests).
+        self.fuse_heads = True
         for i in range(self.num_head):
             setattr(self, f"cat_head{i}", CrossAttentionHead(FEAT_DIM))
         self.fc = nn.Linear(FEAT_DIM, num_classes)
@@ -257,10 +351,19 @@ class DAN(nn.Module):
     def head_modules(self) -> list[CrossAttentionHead]:
         return [getattr(self, f"cat_head{i}") for i in range(self.num_head)]
 
+    def run_heads(self, fmap: Tensor) -> Tensor:
+        """The cross-attention heads on the (B, 512, h, w) feature map: (B, N, 512), head ``i`` at
+        ``[:, i]``, before the fusion. All heads at once (:func:`fused_heads`) when their layers
+        allow it, else the head modules one by one (same result within float rounding)."""
+        heads = self.head_modules()
+        if self.fuse_heads and fusable(heads):
+            return fused_heads(heads, fmap)
+        return torch.stack([head(fmap) for head in heads], dim=1)
+
     def forward(self, images: Tensor) -> DANOutput:
         x = self.normalize(images)
         fmap = self.reduce(self.features(x))
-        heads = torch.stack([head(fmap) for head in self.head_modules()], dim=1)
+        heads = self.run_heads(fmap)
         # The output layers run in float32 even under autocast: in bf16 (8 significant bits) the
         # logits flip the predicted class of ~0.2% of samples and VA takes ~120 levels per unit.
         with torch.autocast(device_type=fmap.device.type, enabled=False):
