@@ -152,7 +152,19 @@ def plain_step_fn(backbone: str, batch: dict):
     return step, sum(p.numel() for p in params), loss_backward
 
 
-def bench(backbone: str, size: int, batch_size: int, warmup: int, rounds: int, per_head: bool = False) -> dict:
+def cpu_timed(fn):
+    """A side that returns the CPU seconds of this process spent in ``fn()`` (``--cpu-time``)."""
+
+    def side() -> float:
+        t = time.process_time()
+        fn()
+        return time.process_time() - t
+
+    return side
+
+
+def bench(backbone: str, size: int, batch_size: int, warmup: int, rounds: int, per_head: bool = False,
+          cpu_time: bool = False) -> dict:
     g = torch.Generator().manual_seed(0)
     batch = {
         "image": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
@@ -173,7 +185,8 @@ def bench(backbone: str, size: int, batch_size: int, warmup: int, rounds: int, p
     # Timing: ABBA rounds of single steps (DAN, plain, plain, DAN; with --per-head DAN, per-head,
     # plain, plain, per-head, DAN), after the warm-up; the steps run
     # as in training: no memory probe (below) while timed.
-    per_round = run_rounds({name: timed(fn) for name, (fn, _, _) in steps.items()}, rounds, warmup=warmup, log=None)
+    clock = cpu_timed if cpu_time else timed
+    per_round = run_rounds({name: clock(fn) for name, (fn, _, _) in steps.items()}, rounds, warmup=warmup, log=None)
     ratios = [r["dan"] / r["plain"] for r in per_round]  # DAN cost / plain cost
     # Memory, in separate steps: the probe trims the heap before a step (so that the step's peak
     # shows) and samples it from a thread, neither of which a real training loop does.
@@ -217,15 +230,21 @@ def main(argv=None) -> int:
     p.add_argument("--per-head", action="store_true",
                    help="also time DAN with its heads run one module after the other (model.fuse_heads = False), "
                         "the implementation before the heads were fused, as a third side")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time CPU seconds (time.process_time) instead of wall seconds; needs --threads 1: a descheduled "
+                        "thread then costs nothing, so a loaded machine skews the ratio less")
     p.add_argument("--quick", action="store_true", help="smoke mode: resnet18 at 112, batch 4, 1 warm-up, 1 round")
     args = p.parse_args(argv)
     if args.quick:
         args.backbones, args.sizes, args.batch_size, args.warmup, args.rounds = ["resnet18"], [112], 4, 1, 1
+    if args.cpu_time and args.threads != 1:
+        p.error("--cpu-time needs --threads 1 (with more threads, CPU time counts threads spinning at barriers)")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(load_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.rounds} ABBA rounds after {args.warmup} warm-up steps; DAN: 4 heads, task both")
+          f"{args.rounds} ABBA rounds after {args.warmup} warm-up steps; DAN: 4 heads, task both; "
+          f"{'CPU' if args.cpu_time else 'wall'} seconds")
     header = (f"{'backbone':<9} {'input':>5} | {'DAN img/s':>9} {'plain img/s':>11} | {'time ratio':>10} {'range':>9} | "
               f"{'GFLOP DAN':>9} {'plain':>6} {'ratio':>6} | {'DAN MB':>7} {'plain MB':>8} | {'DAN Mpar':>8} {'plain Mpar':>10}")
     print(header)
@@ -233,7 +252,7 @@ def main(argv=None) -> int:
     headlines = []
     for backbone in args.backbones:
         for size in args.sizes:
-            r = bench(backbone, size, args.batch_size, args.warmup, args.rounds, args.per_head)
+            r = bench(backbone, size, args.batch_size, args.warmup, args.rounds, args.per_head, args.cpu_time)
             med, lo, hi = summary(r["ratios"])
             print(f"{backbone:<9} {size:>5} | {r['dan_img_s']:>9.1f} {r['plain_img_s']:>11.1f} | {med:>10.2f} "
                   f"{f'{lo:.2f}-{hi:.2f}':>9} | {r['dan_gflop']:>9.1f} {r['plain_gflop']:>6.1f} {r['flop_ratio']:>6.3f} | "

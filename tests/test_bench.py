@@ -139,6 +139,25 @@ def test_train_step_bench_smoke_mode():
 
 
 @pytest.mark.slow
+def test_train_step_bench_per_head_side_in_cpu_seconds():
+    """``--per-head`` times DAN with its heads one by one as a third side: with one round, its
+    ratio over FLOPs is the headline times (per-head / fused step time), as the three are
+    computed from the same round's seconds."""
+    out, ratios = run_bench("train_step.py", "--quick", "--per-head", "--threads", "1", "--cpu-time")
+    assert "1 threads" in out and "CPU seconds" in out
+    (head, *_), (per_head, *_), (slower, *_) = ratios.values()
+    assert [k.split(":")[0] for k in ratios][1:] == ["resnet18 112px, heads one by one",
+                                                    "resnet18 112px"]
+    assert abs(per_head - head * slower) < 0.02 * per_head
+
+
+def test_train_step_bench_refuses_cpu_time_with_two_threads():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--cpu-time", "--threads", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--cpu-time needs --threads 1" in proc.stderr
+
+
+@pytest.mark.slow
 def test_loader_bench_smoke_mode():
     out, ratios = run_bench("loader.py", "--n", "192", "--batch-size", "32", "--rounds", "1")
     assert [k.split(" (")[0].split(" with")[0] for k in ratios] == [
