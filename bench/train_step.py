@@ -29,7 +29,7 @@ prints its ratio over FLOPs and its step time over the fused DAN's.
 
 On a loaded machine with 2 threads the time ratio tracks the number of OpenMP parallel regions a
 step opens more than its FLOPs: each region waits until both threads are scheduled. Counted by
-wrapping ``GOMP_parallel`` (ResNet-18, 112 px, batch 16): plain 459 per step, DAN 701 (980 with
+``bench/omp_regions.py`` (ResNet-18, 112 px, batch 16): plain 459 per step, DAN 701 (980 with
 the heads one by one), 90 of DAN's extra in the fused Adam step (one region per parameter tensor:
 DAN has 159, the plain model 64). With ``--threads 1`` there are none.
 

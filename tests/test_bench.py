@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,16 @@ def test_train_step_bench_per_head_side_in_cpu_seconds():
     assert [k.split(":")[0] for k in ratios][1:] == ["resnet18 112px, heads one by one",
                                                     "resnet18 112px"]
     assert abs(per_head - head * slower) < 0.02 * per_head
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None, reason="bench/omp_regions.py compiles its shim with cc")
+def test_omp_regions_counts_fewer_regions_with_the_heads_fused():
+    out, _ = run_bench("omp_regions.py", "--batch-size", "4", "--size", "64")
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(.+?): (\d+) parallel regions per training step",
+                                                                out, re.MULTILINE)}
+    assert list(counts) == ["DAN, heads fused", "DAN, heads one by one", "plain"], out
+    assert 0 < counts["plain"] < counts["DAN, heads fused"] < counts["DAN, heads one by one"], counts
 
 
 def test_train_step_bench_refuses_cpu_time_with_two_threads():

@@ -229,7 +229,7 @@ def fused_heads(heads: list[CrossAttentionHead], fmap: Tensor) -> Tensor:
     convolutions, BNs and elementwise ops each pay their launch and thread-synchronisation cost.
     On the CPU with 2 threads, a ResNet-18 DAN training step at 112 px, batch 16, opened 980
     OpenMP parallel regions with the heads one by one, 701 fused (the plain ResNet-18: 459;
-    counted by wrapping ``GOMP_parallel``); on a loaded machine each region waits for a thread
+    counted by ``bench/omp_regions.py``); on a loaded machine each region waits for a thread
     to be scheduled, and ``bench/train_step.py`` measured the per-head step at 1.55x its FLOP
     share there. Here each layer runs once for all heads, on parameters concatenated inside
     ``forward`` (the heads' modules and state-dict keys stay as they are, and the gradients flow
