@@ -30,8 +30,8 @@ prints its ratio over FLOPs and its step time over the fused DAN's.
 On a loaded machine with 2 threads the time ratio tracks the number of OpenMP parallel regions a
 step opens more than its FLOPs: each region waits until both threads are scheduled. Counted by
 ``bench/omp_regions.py`` (ResNet-18, 112 px, batch 16): plain 459 per step, DAN 701 (980 with
-the heads one by one), 90 of DAN's extra in the fused Adam step (one region per parameter tensor:
-DAN has 159, the plain model 64). With ``--threads 1`` there are none.
+the heads one by one), 90 of DAN's extra in the fused Adam step (151 against 61: one region per
+parameter tensor). ``--threads 1 --cpu-time`` measures the compute alone.
 
     python bench/train_step.py                  # resnet18 and resnet50 at 112 px, batch 16
     python bench/train_step.py --quick          # smoke mode (tests): resnet18 at 112, batch 4, 1 round

@@ -233,7 +233,10 @@ def fused_heads(heads: list[CrossAttentionHead], fmap: Tensor) -> Tensor:
     to be scheduled, and ``bench/train_step.py`` measured the per-head step at 1.55x its FLOP
     share there. Here each layer runs once for all heads, on parameters concatenated inside
     ``forward`` (the heads' modules and state-dict keys stay as they are, and the gradients flow
-    back to them through ``torch.cat``):
+    back to them through ``torch.cat``). The price: in compute alone (one thread, CPU seconds)
+    the grouped convs and the concatenations made the step about 6% slower on the 2-core Xeon
+    VM (``bench/train_step.py --threads 1 --cpu-time --per-head``), and the concatenated conv
+    weights (34 MB for 4 heads) stay alive until the backward pass. Per layer:
 
     - conv1x1 (same input for every head): one conv with the weights concatenated along the
       output channels; its BN, one ``F.batch_norm`` over the N*C/2 channels;
