@@ -424,3 +424,14 @@ def test_heads_fall_back_to_the_modules_when_a_bn_differs():
     model.cat_head1.sa.conv_3x3[1].momentum = 0.1
     model.cat_head0.ca.attention[1].eval()
     assert not fusable(model.head_modules())
+    model.cat_head0.ca.attention[1].train()
+    assert fusable(model.head_modules())
+    # a head replaced by a torch.fx graph (as ferflow.inference.fold_batchnorm does) runs as it is
+    model.cat_head1 = torch.fx.symbolic_trace(model.cat_head1)
+    assert not fusable(model.head_modules())
+    model.eval()
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        fmap = model.features(model.normalize(x))
+        want = torch.stack([model.cat_head0(fmap), model.cat_head1(fmap)], dim=1)
+        torch.testing.assert_close(model.run_heads(fmap), want, rtol=0, atol=0)

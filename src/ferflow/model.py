@@ -184,11 +184,25 @@ def _head_batch_norms(heads: list[CrossAttentionHead]) -> list[list[nn.modules.b
             [h.ca.attention[1] for h in heads]]
 
 
-def fusable(heads: list[CrossAttentionHead]) -> bool:
-    """Whether :func:`fused_heads` computes what the head modules compute: every BatchNorm is
+def fusable(heads: list[nn.Module]) -> bool:
+    """Whether :func:`fused_heads` computes what the head modules compute: every head is a
+    :class:`CrossAttentionHead` with its layers as built (``ferflow.inference.fold_batchnorm``
+    replaces them with folded torch.fx graphs, which then run one by one), every BatchNorm is
     affine, tracks running statistics with a fixed momentum, and the BNs at one position agree on
-    momentum, eps and train/eval mode (true for heads as built; a caller that changes one head's
-    BN makes the model fall back to the modules one by one)."""
+    momentum, eps and train/eval mode (a caller that changes one head's BN makes the model fall
+    back to the modules one by one)."""
+    bn_type = nn.modules.batchnorm._BatchNorm
+    for h in heads:
+        if not (isinstance(h, CrossAttentionHead) and isinstance(h.sa, SpatialAttention)
+                and isinstance(h.ca, ChannelAttention)):
+            return False
+        sa = (h.sa.conv1x1, h.sa.conv_3x3, h.sa.conv_1x3, h.sa.conv_3x1)
+        att = h.ca.attention
+        if not (all(isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d)
+                    and isinstance(m[1], bn_type) for m in sa)
+                and isinstance(att, nn.Sequential) and len(att) == 5 and isinstance(att[0], nn.Linear)
+                and isinstance(att[1], bn_type) and isinstance(att[3], nn.Linear)):
+            return False
     for bns in _head_batch_norms(heads):
         first = bns[0]
         for bn in bns:
