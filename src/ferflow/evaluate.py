@@ -97,6 +97,8 @@ def evaluate(
     submission_dir: str | os.PathLike | None = None,
     test_list: Sequence[str] | None = None,
     frame_counts: Mapping[str, int] | None = None,
+    temporal: Mapping[str, str | os.PathLike | pl.DataFrame] | None = None,
+    submission_source: str = "frame",
 ) -> dict:
     """Run the stage and return the content of ``metrics.json``.
 
@@ -108,7 +110,8 @@ def evaluate(
                              "ensemble": M, "variants": {name: M}},
          "vote": {"weights": {...}, "va_weights": {...}, "rule": ...},
          "ground_truth": {...}, "inputs": {...}, "outputs": {...},
-         "submission": null | {"dir", "tasks", "videos", "frames", "smoothed", "problems", "mismatches"}}
+         "temporal": null | {"ensemble": M, "variants": {name: M}},   # the temporal heads' outputs, unsmoothed
+         "submission": null | {"dir", "tasks", "videos", "frames", "smoothed", "source", "problems", "mismatches"}}
 
     where M holds ``expr_f1`` (macro over 8 classes), ``expr_accuracy``, ``expr_f1_per_class``
     (class name -> F1), ``expr_confusion`` (8x8 counts, rows = truth), ``va_ccc_valence``,
@@ -116,6 +119,11 @@ def evaluate(
     (frames with that label), ``n_filled`` / ``n_filled_va`` (frames without the variant's own
     prediction, interpolated) and ``n_no_video`` / ``n_no_video_va`` (frames of videos without
     any prediction, uniform / 0). Undefined numbers are null.
+
+    ``temporal``: the temporal heads' PREDICTIONS per variant (``ferflow.temporal``), aligned,
+    filled, soft-voted (same weights) and scored by the same code as the frame-level ones; written
+    as ``temporal_{split}.parquet``. ``submission_source`` ``"temporal"`` exports the temporal
+    ensemble (unsmoothed) instead of the frame-level one (smoothed when smoothing).
 
     Memory: one variant at a time plus the running vote (about 80 bytes per scored frame); with
     smoothing every variant's filled values are kept until the smoothed scores (40 bytes per frame
@@ -143,6 +151,12 @@ def evaluate(
         raise EvaluationError(f"--smoothing must be a window in frames or 'auto', got {smoothing!r}")
     if isinstance(smoothing, int) and smoothing > 1 and smoothing % 2 == 0:
         raise EvaluationError(f"--smoothing: a centred window must be odd, got {smoothing}")
+    if submission_source not in ("frame", "temporal"):
+        raise EvaluationError(f"submission source must be 'frame' or 'temporal', got {submission_source!r}")
+    if submission_source == "temporal" and submission_dir is not None and not temporal:
+        raise EvaluationError("submission source 'temporal' needs the temporal predictions (--temporal)")
+    if temporal is not None and set(temporal) - set(names):
+        raise EvaluationError(f"--temporal: unknown variant(s) {sorted(set(temporal) - set(names))}; variants are {names}")
     if smoothing == "auto":
         bad = [w for w in smoothing_windows if w < 1 or w % 2 == 0]
         if bad or not smoothing_windows:
@@ -206,11 +220,22 @@ def evaluate(
         outputs["ensemble_smoothed"] = str(out_dir / f"ensemble_{split}_smoothed.parquet")
         schemas.write_table(_ensemble_frame(gt, ens_s), outputs["ensemble_smoothed"], schemas.PREDICTIONS)
 
+    temporal_block = None
+    ens_t = None
+    if temporal:
+        temporal_metrics: dict[str, dict] = {}
+        ens_t = build_ensemble(gt, temporal, weights, va_weights,
+                               lambda name, a: temporal_metrics.__setitem__(name, score(gt, a)))
+        temporal_block = {"ensemble": score(gt, ens_t), "variants": temporal_metrics}
+        outputs["temporal"] = str(out_dir / f"temporal_{split}.parquet")
+        schemas.write_table(_ensemble_frame(gt, ens_t), outputs["temporal"], schemas.PREDICTIONS)
+
     result = {
         "split": split,
         "ensemble": ens_metrics,
         "variants": variant_metrics,
         "smoothed": smoothed_block,
+        "temporal": temporal_block,
         "vote": {
             "weights": weights,
             "va_weights": va_weights,
@@ -225,6 +250,7 @@ def evaluate(
             "n_va": int(gt.va_mask.sum()),
         },
         "inputs": {n: (str(p) if not isinstance(p, pl.DataFrame) else None) for n, p in predictions.items()},
+        "temporal_inputs": {n: (str(p) if not isinstance(p, pl.DataFrame) else None) for n, p in (temporal or {}).items()},
         "outputs": outputs,
     }
 
@@ -238,9 +264,13 @@ def evaluate(
 
     result["submission"] = None
     if submission_dir is not None:
-        final = ens_s if ens_s is not None else ens
+        if submission_source == "temporal":
+            final = ens_t
+        else:
+            final = ens_s if ens_s is not None else ens
         sub = export_submission(gt, final, submission_dir, test_list, frame_counts)
-        sub["smoothed"] = ens_s is not None
+        sub["smoothed"] = submission_source == "frame" and ens_s is not None
+        sub["source"] = submission_source
         sub["problems"] = check_submission(submission_dir, frame_counts, test_list)
         listed = list(test_list) if test_list is not None else list(dict.fromkeys(gt.videos()["video"].to_list()))
         rows = (pl.scan_parquet(accounting).filter((pl.col("split") == split) & pl.col("video").is_in(listed))
@@ -248,7 +278,7 @@ def evaluate(
         sub["mismatches"] = frame_count_mismatches(rows, split, listed, frame_counts or {})
         result["submission"] = sub
         _log(f"submission: {sub['videos']} videos, {sub['frames']} frames in {submission_dir} "
-             f"({', '.join(sub['tasks'])}; {'smoothed' if sub['smoothed'] else 'unsmoothed'})")
+             f"({', '.join(sub['tasks'])}; {submission_source}, {'smoothed' if sub['smoothed'] else 'unsmoothed'})")
         for mismatch in sub["mismatches"]:
             _log(f"submission: frame count: {mismatch}")
         for problem in sub["problems"]:
@@ -298,6 +328,12 @@ def format_table(result: dict) -> str:
         lines.append("")
         for k in ("expr_f1", "va_ccc_mean"):
             lines.append(f"smoothing changes ensemble {k} {_fmt(result['ensemble'][k])} -> {_fmt(s['ensemble'][k])}")
+    t = result.get("temporal")
+    if t:
+        block("temporal head (per-variant transformer over frame features; unsmoothed)", t["variants"], t["ensemble"])
+        lines.append("")
+        for k in ("expr_f1", "va_ccc_mean"):
+            lines.append(f"temporal head changes ensemble {k} {_fmt(result['ensemble'][k])} -> {_fmt(t['ensemble'][k])}")
     e = result["ensemble"]
     lines.append("")
     lines.append(
@@ -361,7 +397,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="results/evaluation",
                    help="folder for metrics.json, ensemble_<split>.parquet and the plots (default: results/evaluation)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--temporal", nargs="*", metavar="NAME=PATH",
+                   help="the temporal heads' PREDICTIONS per variant (ferflow.temporal), scored and voted beside the frame-level ones")
     sub = p.add_argument_group("submission (ABAW3 format)")
+    sub.add_argument("--submission-source", choices=("frame", "temporal"), default="frame",
+                     help="export the frame-level ensemble (smoothed when smoothing; default) or the temporal one")
     sub.add_argument("--submission-dir", help="write EXPR/{video}.txt and VA/{video}.txt here (smoothed when smoothing)")
     sub.add_argument("--test-list", help="videos to export, one name a line (default: every video of the split)")
     sub.add_argument("--frame-counts", nargs="+", metavar="PARQUET",
@@ -397,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             predictions, args.accounting, split=args.split, out_dir=args.out_dir, weights=weights,
             va_weights=va_weights, smoothing=smoothing, smoothing_windows=windows, plots=not args.no_plots,
             submission_dir=args.submission_dir, test_list=test_list, frame_counts=frame_counts,
+            temporal=_pairs(args.temporal, "--temporal") or None, submission_source=args.submission_source,
         )
     except (EvaluationError, schemas.SchemaError, FileNotFoundError) as exc:
         error(prog_of("evaluate"), str(exc))

@@ -8,6 +8,12 @@ file is not read again), reads the split's shards without augmentation and write
 table (``schemas.PREDICTIONS``): one row per sample, softmax probabilities p0..p7 in ABAW order and
 valence/arousal. A variant trained for one task only leaves the other task's columns null (its
 untrained head would otherwise look like a prediction). Rows are sorted by source, video, frame.
+
+With ``--features F --accounting A`` the same forward pass also writes a FEATURES table
+(``schemas.FEATURES``), the input of the temporal stage: one row per scored frame of the split in
+the accounting (written, or dropped as no_face / unreadable_frame), with the model's fused vector
+(``DANOutput.fused``), its probabilities and VA; frames without a face crop are rows with
+``has_face`` false and nulls. The PREDICTIONS table is the same with or without it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from . import data, devices, schemas
 from .model import load_model
 from .inputcheck import prog_of, require_inputs
 from .labels import NUM_EXPRESSIONS
+from .truth import PROB_COLS, SCORED_REASONS, VA_COLS
 
 log = logging.getLogger("ferflow.predict")
 
@@ -44,8 +51,12 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def infer(model: torch.nn.Module, loader, device: torch.device) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Keys, softmax probabilities (n, 8) and valence/arousal (n, 2) for every sample of ``loader``."""
+def infer(model: torch.nn.Module, loader, device: torch.device, features: list | None = None
+          ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Keys, softmax probabilities (n, 8) and valence/arousal (n, 2) for every sample of ``loader``.
+
+    ``features``: a list that receives the fused vectors (``DANOutput.fused``, float32 (b, 512)
+    arrays, one per batch) of the same forward pass; None (default) keeps none."""
     was_training = model.training
     model.eval()
     keys: list[str] = []
@@ -57,12 +68,37 @@ def infer(model: torch.nn.Module, loader, device: torch.device) -> tuple[list[st
                 out = model(to_device(batch["image"], device))
             probs.append(torch.softmax(out.expr.float(), dim=1).cpu())
             vas.append(out.va.float().cpu())
+            if features is not None:
+                features.append(out.fused.float().cpu().numpy())
             keys.extend(batch["key"])
     finally:
         model.train(was_training)
     if not keys:
         return keys, np.zeros((0, NUM_EXPRESSIONS), np.float32), np.zeros((0, 2), np.float32)
     return keys, torch.cat(probs).numpy(), torch.cat(vas).numpy()
+
+
+def features_table(keys, fused: np.ndarray, predictions: pl.DataFrame, accounting: pl.DataFrame,
+                   split: str) -> pl.DataFrame:
+    """FEATURES rows of ``split``: every scored frame of the accounting (``truth.SCORED_REASONS``).
+
+    ``keys`` and ``fused`` (n, 512) are the forward pass's sample keys and fused vectors,
+    ``predictions`` its PREDICTIONS table (probabilities and VA, possibly null for an untrained
+    task). Written frames take their row by sample key; frames without a crop get has_face false
+    and nulls. KeyError when a written frame of the split was not predicted."""
+    scored = accounting.filter((pl.col("split") == split) & (
+        (pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS))))
+    fused = np.asarray(fused, np.float32).reshape(len(keys), schemas.FEATURE_DIM)
+    by_key = pl.DataFrame({"key": list(keys), "feature": pl.Series("feature", fused,
+                                                                   pl.Array(pl.Float32, schemas.FEATURE_DIM))})
+    values = predictions.select("source", "video", "frame", *PROB_COLS, *VA_COLS)
+    rows = (scored.select("split", "source", "video", "frame", "key", has_face=pl.col("status") == "written")
+            .join(by_key, on="key", how="left")
+            .join(values, on=["source", "video", "frame"], how="left"))
+    lost = rows.filter(pl.col("has_face") & pl.col("feature").is_null())
+    if lost.height:
+        raise KeyError(f"{lost.height} written frames of {split} have no prediction, e.g. {lost['key'][0]!r}")
+    return schemas.conform(rows.sort("source", "video", "frame"), schemas.FEATURES, "features")
 
 
 def predictions_table(keys, probs, va, labels: pl.DataFrame, task: str = "both") -> pl.DataFrame:
@@ -90,6 +126,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="shard folder (holds <split>/ and labels.parquet)")
     p.add_argument("--split", default="validation", help="split of the shards to predict (default: validation)")
     p.add_argument("--out", required=True, help="PREDICTIONS parquet to write")
+    p.add_argument("--features", default=None, help="also write the FEATURES parquet of the split here "
+                   "(the temporal stage's input; needs --accounting)")
+    p.add_argument("--accounting", default=None, help="ACCOUNTING parquet: the split's frames, with or without a face")
     p.add_argument("--device", default="auto", help="auto (claim a free GPU, else CPU) | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0, load in the main process)")
@@ -100,9 +139,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if (args.features is None) != (args.accounting is None):
+        parser.error("--features and --accounting go together")
     require_inputs(prog_of("predict"), [("--model", args.model, "file"), ("--shards", args.shards, "dir"),
-                                                 ("--shards", Path(args.shards) / "labels.parquet", "file")])
+                                        ("--shards", Path(args.shards) / "labels.parquet", "file")]
+                   + ([("--accounting", args.accounting, "file")] if args.accounting else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,12 +156,20 @@ def main(argv: list[str] | None = None) -> int:
             args.shards, args.split, batch_size=args.batch_size, input_size=int(settings["input_size"]),
             train=False, workers=args.workers, labels=labels, pin_memory=device.type == "cuda", borrow=True,
         )
-        keys, probs, va = infer(model, loader, device)
+        fused: list | None = [] if args.features else None
+        keys, probs, va = infer(model, loader, device, fused)
     if len(keys) != len(stream.index):
         raise RuntimeError(f"{args.split}: predicted {len(keys)} samples, labels.parquet lists {len(stream.index)}")
     table = predictions_table(keys, probs, va, labels, settings.get("task", "both"))
     schemas.write_table(table, args.out, schemas.PREDICTIONS)
     log.info("wrote %d predictions of %s to %s", table.height, args.split, args.out)
+    if args.features:
+        accounting = schemas.read_table(args.accounting, schemas.ACCOUNTING)
+        vectors = np.concatenate(fused) if fused else np.zeros((0, schemas.FEATURE_DIM), np.float32)
+        feats = features_table(keys, vectors, table, accounting, args.split)
+        schemas.write_table(feats, args.features, schemas.FEATURES)
+        log.info("wrote %d frames of %s (%d with a face) to %s", feats.height, args.split,
+                 int(feats["has_face"].sum()), args.features)
     return 0
 
 

@@ -144,8 +144,9 @@ def accounting_table(accounting: pl.DataFrame) -> pl.DataFrame:
 
 
 def metrics_rows(result: Mapping) -> list[dict]:
-    """The metrics table: each variant and the ensemble, without smoothing and (when the
-    evaluation smoothed) with, as dicts of model, smoothing, expr_f1, expr_accuracy, va_ccc_valence,
+    """The metrics table: each variant and the ensemble, without smoothing, (when the
+    evaluation smoothed) with, and (when it scored temporal heads) their outputs (smoothing
+    "temporal head"), as dicts of model, smoothing, expr_f1, expr_accuracy, va_ccc_valence,
     va_ccc_arousal, va_ccc_mean, n_expr, n_va (frames scored for each task)."""
     keys = ["expr_f1", "expr_accuracy", "va_ccc_valence", "va_ccc_arousal", "va_ccc_mean", "n_expr", "n_va"]
     blocks = [("none", result["variants"], result["ensemble"])]
@@ -154,6 +155,9 @@ def metrics_rows(result: Mapping) -> list[dict]:
         w = s["window"]
         how = f"chosen on {s['chosen_on']}" if s.get("auto") else "fixed"
         blocks.append((f"expr {w['expr']}, VA {w['va']} frames ({how})", s["variants"], s["ensemble"]))
+    t = result.get("temporal")
+    if t:
+        blocks.append(("temporal head", t["variants"], t["ensemble"]))
     rows = []
     for smoothing, variants, ensemble in blocks:
         for name, m in [*variants.items(), ("ensemble", ensemble)]:

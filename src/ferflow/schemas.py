@@ -145,6 +145,25 @@ PREDICTIONS: Schema = {
     "arousal": pl.Float32,
 }
 
+#: Width of the per-frame feature of a variant (the DAN's fused vector, ``model.FEAT_DIM``).
+FEATURE_DIM = 512
+
+#: One row per scored frame of a split (ACCOUNTING rows written, or dropped as no_face /
+#: unreadable_frame) for one variant: the per-frame input of the temporal stage. Written by
+#: ``ferflow.predict --features`` from the same forward pass as the PREDICTIONS. A frame without a
+#: face crop has ``has_face`` false and null feature, probabilities and VA (never invented values).
+FEATURES: Schema = {
+    "split": pl.String,
+    "source": pl.String,
+    "video": pl.String,  # annotation name: one (video, person)
+    "frame": pl.Int64,
+    "has_face": pl.Boolean,
+    "feature": pl.Array(pl.Float32, FEATURE_DIM),  # the fused vector before the fc/BN heads
+    **{f"p{i}": pl.Float32 for i in range(8)},  # the variant's softmax probabilities
+    "valence": pl.Float32,
+    "arousal": pl.Float32,
+}
+
 #: ``ferflow annotate``: one row per frame and tracked face of a video, and one row with a null
 #: ``track`` (and null values) for every frame without a face: every decoded frame appears.
 ANNOTATIONS: Schema = {

@@ -38,7 +38,7 @@ if len(SOURCES) != len(config["sources"]):
 # modules of a stage are its CLI module and every ferflow module it imports, transitively.
 STAGE_ENTRY = {"demo": "demo", "index": "index", "extract": "extract", "shards": "shards",
                "train": "train", "predict": "predict", "evaluate": "evaluate", "annotate": "annotate",
-               "export": "export", "report": "report"}
+               "export": "export", "report": "report", "temporal": "temporal"}
 
 
 def code_version(stage):
@@ -289,6 +289,19 @@ def uses_gpu_detector():
 def _alternatives(names):
     """A wildcard constraint matching exactly one of names (nothing when there are none)."""
     return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+# ---- temporal stage (temporal.smk) -----------------------------------------------------------
+TEMPORAL = config["temporal"]
+TEMPORAL_ON = bool(TEMPORAL["enabled"])
+TEMPORAL_KEYS = sorted(k for k in TEMPORAL if k != "enabled")
+if config["evaluation"]["submission_source"] == "temporal" and not TEMPORAL_ON:
+    raise ValueError("config: evaluation.submission_source is 'temporal' but temporal.enabled is false")
+
+
+def temporal_settings():
+    """The temporal head's settings (without `enabled`) as sorted JSON."""
+    return as_json({k: TEMPORAL[k] for k in TEMPORAL_KEYS})
 
 
 # ---- variants ------------------------------------------------------------------------------

@@ -1,11 +1,20 @@
-# Soft-voting ensemble over the variants' predictions; metrics per variant and for the ensemble.
+# Soft-voting ensemble over the variants' predictions; metrics per variant and for the ensemble
+# (and, with temporal.enabled, the same for the temporal heads' predictions).
 EVAL_SPLIT = config["evaluation"]["split"]
+
+
+def temporal_arg(paths):
+    """`--temporal NAME=PATH ...` for the temporal predictions among a rule's inputs (none: "")."""
+    if not paths:
+        return ""
+    return "--temporal " + " ".join(shlex_quote(f"{name}={path}") for name, path in zip(VARIANTS, paths))
 
 
 rule evaluate_ensemble:
     input:
         predictions=expand(f"{RESULTS}/predictions/{{variant}}/{EVAL_SPLIT}.parquet", variant=list(VARIANTS)),
         accounting=f"{RESULTS}/accounting.parquet",
+        temporal=expand(f"{RESULTS}/temporal/{{variant}}/{EVAL_SPLIT}.parquet", variant=list(VARIANTS) if TEMPORAL_ON else []),
     output:
         metrics=report(f"{RESULTS}/evaluation/metrics.json", caption="../report/metrics.rst", category="Evaluation"),
         summary=report(f"{RESULTS}/evaluation/summary.txt", caption="../report/summary.rst", category="Evaluation"),
@@ -21,6 +30,7 @@ rule evaluate_ensemble:
         out_dir=lambda wc, output: os.path.dirname(output.metrics),
         split=EVAL_SPLIT,
         smoothing=config["evaluation"]["smoothing"],
+        temporal=lambda wc, input: temporal_arg(input.temporal),
         code=code_version("evaluate"),
     log:
         "logs/evaluate_ensemble/evaluate_ensemble.log",
@@ -35,7 +45,7 @@ rule evaluate_ensemble:
     shell:
         "python -m ferflow.evaluate --predictions {params.predictions} --weights {params.weights}"
         " --accounting {input.accounting:q} --split {params.split} --smoothing {params.smoothing}"
-        " --out-dir {params.out_dir:q}"
+        " {params.temporal} --out-dir {params.out_dir:q}"
         " > {output.summary:q}.tmp 2> {log:q} && mv {output.summary:q}.tmp {output.summary:q}"
 
 
@@ -48,6 +58,8 @@ rule export_submission:
         metrics=f"{RESULTS}/evaluation/metrics.json",
         test_lists=test_lists(),
         frame_counts=test_faces_tables(),
+        temporal=expand(f"{RESULTS}/temporal/{{variant}}/test.parquet",
+                        variant=list(VARIANTS) if config["evaluation"]["submission_source"] == "temporal" else []),
     output:
         submission=directory(f"{RESULTS}/submission/abaw3"),
         metrics=f"{RESULTS}/submission/metrics.json",
@@ -58,6 +70,8 @@ rule export_submission:
         weights=" ".join(f"{name}={w}" for name, w in variant_weights().items()),
         out_dir=lambda wc, output: os.path.dirname(output.metrics),
         content=content_param(test_lists()),
+        temporal=lambda wc, input: temporal_arg(input.temporal),
+        source=config["evaluation"]["submission_source"],
         code=code_version("evaluate"),
     log:
         "logs/export_submission/export_submission.log",
@@ -73,5 +87,6 @@ rule export_submission:
         "cat {input.test_lists:q} > {params.out_dir:q}/test_list.txt && "
         "python -m ferflow.evaluate --predictions {params.predictions} --weights {params.weights}"
         " --accounting {input.accounting:q} --split test --smoothing-from {input.metrics:q} --no-plots"
+        " {params.temporal} --submission-source {params.source}"
         " --out-dir {params.out_dir:q} --submission-dir {output.submission:q}"
         " --test-list {params.out_dir:q}/test_list.txt --frame-counts {input.frame_counts:q} > {log:q} 2>&1"

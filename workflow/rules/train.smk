@@ -32,14 +32,20 @@ rule train_variant:
         " --settings {params.settings:q} --out {params.out:q} > {log:q} 2>&1"
 
 
+# With temporal.enabled the same forward pass also writes the split's per-frame features
+# (results/features/{variant}/{split}.parquet), the temporal stage's input (temporal.smk).
 rule predict_variant:
     input:
         model=f"{RESULTS}/models/{{variant}}/model.pt",
         shards=f"{RESULTS}/shards",
+        **({"accounting": f"{RESULTS}/accounting.parquet"} if TEMPORAL_ON else {}),
     output:
-        f"{RESULTS}/predictions/{{variant}}/{{split}}.parquet",
+        predictions=f"{RESULTS}/predictions/{{variant}}/{{split}}.parquet",
+        **({"features": f"{RESULTS}/features/{{variant}}/{{split}}.parquet"} if TEMPORAL_ON else {}),
     params:
         code=code_version("predict"),
+        features=lambda wc, input, output: (f"--features {shlex_quote(output.features)} --accounting "
+                                            f"{shlex_quote(input.accounting)}" if TEMPORAL_ON else ""),
     log:
         "logs/predict_variant/{variant}/{split}.log",
     threads: 4  # capped at --cores by Snakemake
@@ -51,4 +57,4 @@ rule predict_variant:
         "../../envs/ferflow.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m ferflow.predict --model {input.model:q} --shards {input.shards:q} --split {wildcards.split}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --out {output.predictions:q} {params.features} > {log:q} 2>&1"
