@@ -11,7 +11,7 @@ import pytest
 from ferflow.schemas import ACCOUNTING, LABELS, read_table
 from workflow_helpers import CONFIG, TINY, env, snakemake
 
-STAGES = ["demo", "index", "extract", "shards", "train", "predict", "evaluate", "report"]
+STAGES = ["demo", "index", "extract", "shards", "train", "predict", "temporal", "evaluate", "report"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -37,7 +37,8 @@ def tiny_run(tmp_path_factory):
         if src["kind"] == "affwild2":
             src["test_list"] = "test_list.txt"
     extra = work / "with_test_list.yaml"
-    extra.write_text(yaml.safe_dump({"sources": sources}))
+    # the submission from the temporal heads (temporal.enabled is on in config.yaml)
+    extra.write_text(yaml.safe_dump({"sources": sources, "evaluation": {"submission_source": "temporal"}}))
     configs = (CONFIG, TINY, extra)
     proc = snakemake(work, configs=configs)
     return work, proc, configs
@@ -66,6 +67,43 @@ def test_tiny_workflow_end_to_end(tiny_run):
     assert set(labels["split"]) == {"train", "validation", "test"}
     test = labels.filter(pl.col("split") == "test")
     assert test["expression"].is_null().all() and test.height == 40
+
+
+@pytest.mark.slow
+def test_temporal_stage_runs_per_variant_and_is_scored_beside_frame_level(tiny_run):
+    from ferflow.schemas import FEATURES, PREDICTIONS
+    from ferflow.truth import SCORED_REASONS
+
+    work, proc, _ = tiny_run
+    results = work / "results"
+    metrics = json.loads((results / "evaluation" / "metrics.json").read_text())
+    acc = read_table(results / "accounting.parquet", ACCOUNTING)
+    for split in ("train", "validation", "test"):
+        scored = acc.filter((pl.col("split") == split) & (
+            (pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS))))
+        for variant in ("a", "b"):
+            feats = read_table(results / "features" / variant / f"{split}.parquet", FEATURES)
+            # one row per scored frame, has_face exactly where a crop was written
+            assert feats.height == scored.height
+            written = set(zip(scored.filter(pl.col("status") == "written")["video"],
+                              scored.filter(pl.col("status") == "written")["frame"]))
+            assert feats["has_face"].to_list() == [(v, f) in written for v, f in zip(feats["video"], feats["frame"])]
+            assert feats.filter(pl.col("has_face"))["feature"].null_count() == 0
+    for variant in ("a", "b"):
+        assert (results / "temporal" / variant / "model.pt").is_file()
+        pred = read_table(results / "temporal" / variant / "validation.parquet", PREDICTIONS)
+        assert pred.height > 0 and set(pred["split"]) == {"validation"}
+        assert "trained in" in (work / "logs" / "train_temporal" / f"{variant}.log").read_text()
+    t = metrics["temporal"]
+    assert set(t["variants"]) == {"a", "b"}
+    for m in [t["ensemble"], *t["variants"].values()]:
+        assert 0.0 <= m["expr_f1"] <= 1.0 and -1.0 <= m["va_ccc_mean"] <= 1.0
+        assert m["n_frames"] == metrics["ensemble"]["n_frames"]
+    assert "temporal head changes ensemble expr_f1" in (results / "evaluation" / "summary.txt").read_text()
+    html = (results / "report" / "summary.html").read_text()
+    assert "temporal head" in html
+    sub = json.loads((results / "submission" / "metrics.json").read_text())["submission"]
+    assert sub["source"] == "temporal" and not sub["problems"]
 
 
 @pytest.mark.slow
@@ -101,6 +139,22 @@ def test_second_run_has_nothing_to_do(tiny_run):
     work, _, configs = tiny_run
     proc = snakemake(work, "-n", configs=configs)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_temporal_setting_reruns_only_the_temporal_stage_and_what_follows(tiny_run, tmp_path):
+    work, _, configs = tiny_run
+    change = tmp_path / "window.yaml"
+    change.write_text("temporal:\n  window: 33\n")
+    out = snakemake(work, "-n", configs=(*configs, change))
+    jobs = _jobs_to_run(out)
+    assert jobs["train_temporal"] == 2 and jobs["predict_temporal"] == 4  # 2 variants x (validation, test)
+    # features, frame-level predictions and training are not redone
+    assert set(jobs) <= {"train_temporal", "predict_temporal", "evaluate_ensemble", "export_submission",
+                         "report_evaluation", "annotate_video", "all"}, jobs
+    (reason,) = {line for line in (out.stdout + out.stderr).splitlines()
+                  if "Params have changed" in line and "temporal.window" in line}
+    assert "temporal.window=64" in reason and "temporal.window=33" in reason and "temporal.epochs" not in reason
 
 
 def test_config_error_stops_before_any_job(tmp_path):
