@@ -52,7 +52,8 @@ def _toy(n_seq=3, length=20, dim=5, seed=0):
 def test_frames_without_a_face_or_a_label_do_not_change_the_loss():
     seqs = _toy()
     torch.manual_seed(0)
-    model = temporal.build_head({"window": 8, "d_model": 16, "heads": 2, "dim_feedforward": 16, "dropout": 0.0}, 5)
+    model = temporal.build_head({"window": 8, "d_model": 16, "heads": 2, "dim_feedforward": 16, "dropout": 0.0,
+                                   "residual": False}, 5)
     index, _, _ = temporal.make_windows(seqs.seq, seqs.frame, 8)
     base = temporal.window_loss(model, *temporal.gather(seqs, index))
     # new labels on every frame without a face: same loss, to the bit
@@ -81,7 +82,8 @@ def test_frames_without_a_face_or_a_label_do_not_change_the_loss():
 
 def test_a_masked_frame_changes_no_other_frames_output():
     torch.manual_seed(0)
-    model = temporal.build_head({"window": 12, "d_model": 16, "heads": 2, "dim_feedforward": 32}, 6).eval()
+    model = temporal.build_head({"window": 12, "d_model": 16, "heads": 2, "dim_feedforward": 32,
+                                   "residual": False}, 6).eval()
     x = torch.randn(2, 12, 6)
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[0, 3] = valid[0, 7] = valid[1, 0] = False
@@ -140,7 +142,8 @@ def test_temporal_head_uses_context_that_frame_level_and_smoothing_cannot():
     even with the best smoothing window of the evaluation's search, stays near chance; the temporal
     head over 16-frame windows beats it by at least 0.3 macro F1 (fixed seeds)."""
     train_seqs, test_seqs = _moving_point(12, 80, seed=0), _moving_point(8, 80, seed=1)
-    settings = dict(window=16, epochs=12, d_model=16, dim_feedforward=32, batch_size=8, heads=2, lr=3e-3, seed=0)
+    settings = dict(window=16, epochs=12, d_model=16, dim_feedforward=32, batch_size=8, heads=2, lr=3e-3, seed=0,
+                    residual=False)  # the features carry no frame-level prediction to refine
     head = temporal.train_head(train_seqs, settings, log_every=0)
     probs, _, ok = temporal.predict_head(head, test_seqs, 16)
     assert ok.all()
@@ -258,6 +261,26 @@ def test_temporal_cli_trains_and_predicts_every_frame_in_the_predictions_format(
     assert set(result["temporal"]["variants"]) == {"m"}
     assert result["temporal"]["ensemble"]["n_frames"] == result["ensemble"]["n_frames"] == feats.height
     assert schemas.read_table(tmp_path / "ev" / "temporal_validation.parquet", schemas.PREDICTIONS).height == feats.height
+
+
+def test_an_untrained_residual_head_reproduces_the_frame_level_prediction():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(8), (2, 10)).astype(np.float32)
+    va = rng.uniform(-0.9, 0.9, (2, 10, 2)).astype(np.float32)
+    x = torch.from_numpy(np.concatenate([rng.normal(size=(2, 10, 6)).astype(np.float32), probs, va], axis=-1))
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 4] = False
+    torch.manual_seed(0)
+    head = temporal.build_head({"window": 10, "d_model": 16, "heads": 2, "dim_feedforward": 16}, 16).eval()
+    with torch.no_grad():
+        logits, out_va = head(x, valid)
+    p = torch.softmax(logits, -1).numpy()
+    keep = valid.numpy()
+    assert np.allclose(p[keep], probs[keep], atol=1e-5) and np.allclose(out_va.numpy()[keep], va[keep], atol=1e-5)
+    # the frame without a face has no frame-level prediction: uniform and 0 until trained
+    assert np.allclose(p[1, 4], 1 / 8) and np.allclose(out_va.numpy()[1, 4], 0)
+    with pytest.raises(ValueError, match="needs the 10 probability/VA columns"):
+        temporal.build_head({"window": 4}, 5)
 
 
 def test_unknown_temporal_setting_is_an_error():

@@ -20,6 +20,11 @@ layers, ``heads`` attention heads) whose ``src_key_padding_mask`` hides frames w
 window positions without a frame (padding beyond a sequence's ends or gaps in the annotation), so
 no output depends on them; then per frame an expression head (8 logits) and a VA head (tanh).
 A frame without a face still gets outputs: its query attends to the faces around it.
+With ``residual`` (default) the heads refine the variant's own prediction of the frame: the
+expression logits are ``log p_frame + head(h)`` and VA ``tanh(atanh(va_frame) + head(h))``, with
+both heads' weights initialised to zero, so that an untrained head reproduces the frame-level
+prediction exactly and training learns only the correction from context (frames without a face
+have no frame-level prediction: uniform and 0).
 
 Windows: ``window`` consecutive frame numbers of one (source, video); window ``j`` of a sequence
 starting at frame ``f0`` is centred on ``f0 + j * (window // 2)`` (training shifts all centres by a
@@ -64,7 +69,9 @@ from .truth import PROB_COLS, VA_COLS, load_ground_truth
 log = logging.getLogger("ferflow.temporal")
 
 DEFAULTS = {"window": 64, "d_model": 64, "heads": 4, "layers": 2, "dim_feedforward": 128, "dropout": 0.1,
-            "epochs": 15, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "focal_gamma": 2.0, "seed": 0}
+            "epochs": 15, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "focal_gamma": 2.0, "seed": 0,
+            "residual": True}
+PRIOR_COLS = 10  # the last input columns: the variant's p0..p7, valence, arousal (see sequences_from_features)
 
 
 def settings_with_defaults(settings: Mapping | None) -> dict:
@@ -192,8 +199,11 @@ class TemporalHead(nn.Module):
     run unmasked (its outputs are meaningless and callers drop them) so that no NaN appears."""
 
     def __init__(self, in_dim: int, window: int, d_model: int = 64, heads: int = 4, layers: int = 2,
-                 dim_feedforward: int = 128, dropout: float = 0.1):
+                 dim_feedforward: int = 128, dropout: float = 0.1, residual: bool = False):
         super().__init__()
+        if residual and in_dim < PRIOR_COLS:
+            raise ValueError(f"a residual temporal head needs the {PRIOR_COLS} probability/VA columns; in_dim is {in_dim}")
+        self.residual = bool(residual)
         # per-dimension standardisation, set from the training frames by train_head (saved with the weights)
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
@@ -204,20 +214,30 @@ class TemporalHead(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.expr = nn.Linear(d_model, NUM_EXPRESSIONS)
         self.va = nn.Linear(d_model, 2)
+        if self.residual:
+            for head in (self.expr, self.va):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def forward(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        raw = x
         x = torch.where(valid[..., None], (x - self.mean) * self.scale, torch.zeros_like(x))
         h = self.proj(x) + self.positions[: x.shape[1]]
         pad = ~valid
         pad = pad & ~pad.all(dim=1, keepdim=True)
         h = self.encoder(h, src_key_padding_mask=pad)
-        return self.expr(h), torch.tanh(self.va(h))
+        logits, va = self.expr(h), self.va(h)
+        if self.residual:
+            prior = torch.where(valid[..., None], raw[..., -PRIOR_COLS:], torch.zeros_like(raw[..., -PRIOR_COLS:]))
+            logits = logits + torch.log(prior[..., :NUM_EXPRESSIONS].clamp_min(1e-6))
+            va = va + torch.atanh(prior[..., NUM_EXPRESSIONS:].clamp(-0.999, 0.999))
+        return logits, torch.tanh(va)
 
 
 def build_head(settings: Mapping, in_dim: int) -> TemporalHead:
     s = settings_with_defaults(settings)
     return TemporalHead(in_dim, int(s["window"]), int(s["d_model"]), int(s["heads"]), int(s["layers"]),
-                        int(s["dim_feedforward"]), float(s["dropout"]))
+                        int(s["dim_feedforward"]), float(s["dropout"]), bool(s["residual"]))
 
 
 def gather(seqs: Sequences, index: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
