@@ -261,6 +261,16 @@ def test_temporal_cli_trains_and_predicts_every_frame_in_the_predictions_format(
     assert set(result["temporal"]["variants"]) == {"m"}
     assert result["temporal"]["ensemble"]["n_frames"] == result["ensemble"]["n_frames"] == feats.height
     assert schemas.read_table(tmp_path / "ev" / "temporal_validation.parquet", schemas.PREDICTIONS).height == feats.height
+    from ferflow.report import metrics_rows
+
+    rows = [r for r in metrics_rows(result) if r["smoothing"] == "temporal head"]
+    assert [r["model"] for r in rows] == ["m", "ensemble"]
+    assert rows[1]["expr_f1"] == result["temporal"]["ensemble"]["expr_f1"]
+    from ferflow.truth import EvaluationError
+
+    with pytest.raises(EvaluationError, match="needs the temporal predictions"):
+        evaluate({"m": tmp_path / "p_validation.parquet"}, acc_path, out_dir=tmp_path / "ev2", plots=False,
+                 submission_dir=tmp_path / "sub", submission_source="temporal")
 
 
 def test_an_untrained_residual_head_reproduces_the_frame_level_prediction():

@@ -37,8 +37,9 @@ def tiny_run(tmp_path_factory):
         if src["kind"] == "affwild2":
             src["test_list"] = "test_list.txt"
     extra = work / "with_test_list.yaml"
-    # the submission from the temporal heads (temporal.enabled is on in config.yaml)
-    extra.write_text(yaml.safe_dump({"sources": sources, "evaluation": {"submission_source": "temporal"}}))
+    # the temporal stage on (tiny.yaml turns it off), and the submission from the temporal heads
+    extra.write_text(yaml.safe_dump({"sources": sources, "evaluation": {"submission_source": "temporal"},
+                                     "temporal": {"enabled": True}}))
     configs = (CONFIG, TINY, extra)
     proc = snakemake(work, configs=configs)
     return work, proc, configs
@@ -145,7 +146,7 @@ def test_second_run_has_nothing_to_do(tiny_run):
 def test_a_temporal_setting_reruns_only_the_temporal_stage_and_what_follows(tiny_run, tmp_path):
     work, _, configs = tiny_run
     change = tmp_path / "window.yaml"
-    change.write_text("temporal:\n  window: 33\n")
+    change.write_text("temporal:\n  window: 33\n")  # tiny.yaml: 16
     out = snakemake(work, "-n", configs=(*configs, change))
     jobs = _jobs_to_run(out)
     assert jobs["train_temporal"] == 2 and jobs["predict_temporal"] == 4  # 2 variants x (validation, test)
@@ -154,7 +155,7 @@ def test_a_temporal_setting_reruns_only_the_temporal_stage_and_what_follows(tiny
                          "report_evaluation", "annotate_video", "all"}, jobs
     (reason,) = {line for line in (out.stdout + out.stderr).splitlines()
                   if "Params have changed" in line and "temporal.window" in line}
-    assert "temporal.window=64" in reason and "temporal.window=33" in reason and "temporal.epochs" not in reason
+    assert "temporal.window=16" in reason and "temporal.window=33" in reason and "temporal.epochs" not in reason
 
 
 def test_config_error_stops_before_any_job(tmp_path):
