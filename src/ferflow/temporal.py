@@ -263,9 +263,9 @@ def window_loss(model: TemporalHead, x: Tensor, valid: Tensor, expr: Tensor, va:
 
 
 def train_head(seqs: Sequences, settings: Mapping, log_every: int = 1) -> TemporalHead:
-    """Train a :class:`TemporalHead` on ``seqs`` (Adam, fixed epochs, seeded; CPU or the tensors'
-    device is the CPU). Each epoch draws a random shift of the window centres and shuffles the
-    windows. Returns the model in eval mode."""
+    """Train a :class:`TemporalHead` on ``seqs`` (Adam, fixed epochs, seeded, on the CPU). Each
+    epoch draws a random shift of the window centres and shuffles the windows; windows that hold a
+    single frame (still images: no context) are left out. Returns the model in eval mode."""
     s = settings_with_defaults(settings)
     torch.manual_seed(int(s["seed"]))
     rng = np.random.default_rng(int(s["seed"]))
@@ -279,6 +279,8 @@ def train_head(seqs: Sequences, settings: Mapping, log_every: int = 1) -> Tempor
     model.train()
     for epoch in range(int(s["epochs"])):
         index, _, _ = make_windows(seqs.seq, seqs.frame, window, shift=int(rng.integers(0, max(1, window // 2))))
+        # a window holding one frame (a still image of an image source) has no context to learn from
+        index = index[(index >= 0).sum(axis=1) >= min(2, window)]
         order = rng.permutation(index.shape[0])
         total, batches = 0.0, 0
         for lo in range(0, order.size, bs):
