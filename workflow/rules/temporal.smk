@@ -18,7 +18,7 @@ rule train_temporal:
         "logs/train_temporal/{variant}.log",
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=16000,  # the split's features in memory: ~2.1 kB per frame (522 float32), ~3 GB for Aff-Wild2's training split
         runtime=2 * 60,
     conda:
         "../../envs/ferflow.yaml"
@@ -40,7 +40,7 @@ rule predict_temporal:
         "logs/predict_temporal/{variant}/{split}.log",
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=8000,
         runtime=60,
     conda:
         "../../envs/ferflow.yaml"
