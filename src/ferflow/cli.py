@@ -25,6 +25,7 @@ COMMANDS = {
     "shards": "face crops of every source -> shuffled WebDataset shards, labels and accounting",
     "train": "train one bagged variant",
     "predict": "predict every sample of one split with a trained variant",
+    "temporal": "train or run one variant's temporal head over its per-frame features",
     "evaluate": "fill, soft-vote, smooth and score the variants' predictions",
     "report": "the report's first page: metrics, per-video, class support and accounting tables; per-video figures",
     "annotate": "the trained ensemble on any video: per-frame table, plot, annotated video",
