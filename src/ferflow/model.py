@@ -65,7 +65,6 @@ class DANOutput(NamedTuple):
     va: Tensor  # (B, 2) valence, arousal in [-1, 1] (tanh)
     features: Tensor  # (B, 512) globally pooled (reduced) backbone feature, for the affinity loss
     heads: Tensor  # (B, N, 512) head outputs as fused (after log-softmax over heads when N > 1)
-    fused: Tensor  # (B, 512) float32 fused vector that fc/bn and va_fc/va_bn read: the per-frame feature of the temporal stage
 
 
 class Normalize(nn.Module):
@@ -398,7 +397,7 @@ class DAN(nn.Module):
             fused = heads.sum(dim=1)
             expr = self.bn(self.fc(fused))
             va = torch.tanh(self.va_bn(self.va_fc(fused)))
-        return DANOutput(expr=expr, va=va, features=features, heads=heads, fused=fused)
+        return DANOutput(expr=expr, va=va, features=features, heads=heads)
 
 
 def build_model(settings: dict, load_pretrained: bool = True) -> DAN:

@@ -12,7 +12,7 @@ untrained head would otherwise look like a prediction). Rows are sorted by sourc
 With ``--features F --accounting A`` the same forward pass also writes a FEATURES table
 (``schemas.FEATURES``), the input of the temporal stage: one row per scored frame of the split in
 the accounting (written, or dropped as no_face / unreadable_frame), with the model's fused vector
-(``DANOutput.fused``), its probabilities and VA; frames without a face crop are rows with
+(the input of its ``fc`` head), its probabilities and VA; frames without a face crop are rows with
 ``has_face`` false and nulls. The PREDICTIONS table is the same with or without it.
 """
 
@@ -55,24 +55,30 @@ def infer(model: torch.nn.Module, loader, device: torch.device, features: list |
           ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Keys, softmax probabilities (n, 8) and valence/arousal (n, 2) for every sample of ``loader``.
 
-    ``features``: a list that receives the fused vectors (``DANOutput.fused``, float32 (b, 512)
-    arrays, one per batch) of the same forward pass; None (default) keeps none."""
+    ``features``: a list that receives the fused vectors of the same forward pass (float32 (b, 512)
+    arrays, one per batch): the input of the model's expression head ``fc`` (the vector that both
+    heads read), taken by a forward hook, so the model's outputs and weights are those of any
+    other pass; None (default) keeps none."""
     was_training = model.training
     model.eval()
     keys: list[str] = []
     probs: list[torch.Tensor] = []
     vas: list[torch.Tensor] = []
+    hook = None
+    if features is not None:
+        hook = model.fc.register_forward_hook(
+            lambda module, args, output: features.append(args[0].detach().float().cpu().numpy()))
     try:
         for batch in loader:
             with autocast(device):
                 out = model(to_device(batch["image"], device))
             probs.append(torch.softmax(out.expr.float(), dim=1).cpu())
             vas.append(out.va.float().cpu())
-            if features is not None:
-                features.append(out.fused.float().cpu().numpy())
             keys.extend(batch["key"])
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     if not keys:
         return keys, np.zeros((0, NUM_EXPRESSIONS), np.float32), np.zeros((0, 2), np.float32)
     return keys, torch.cat(probs).numpy(), torch.cat(vas).numpy()

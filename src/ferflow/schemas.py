@@ -158,7 +158,7 @@ FEATURES: Schema = {
     "video": pl.String,  # annotation name: one (video, person)
     "frame": pl.Int64,
     "has_face": pl.Boolean,
-    "feature": pl.Array(pl.Float32, FEATURE_DIM),  # the fused vector before the fc/BN heads
+    "feature": pl.Array(pl.Float32, FEATURE_DIM),  # the fused vector that the fc/BN heads read
     **{f"p{i}": pl.Float32 for i in range(8)},  # the variant's softmax probabilities
     "valence": pl.Float32,
     "arousal": pl.Float32,
