@@ -296,12 +296,21 @@ TEMPORAL = config["temporal"]
 TEMPORAL_ON = bool(TEMPORAL["enabled"])
 TEMPORAL_KEYS = sorted(k for k in TEMPORAL if k != "enabled")
 if config["evaluation"]["submission_source"] == "temporal" and not TEMPORAL_ON:
-    raise ValueError("config: evaluation.submission_source is 'temporal' but temporal.enabled is false")
+    raise ValueError("config: evaluation.submission_source is temporal, but temporal.enabled is false")
 
 
 def temporal_settings():
-    """The temporal head's settings (without `enabled`) as sorted JSON."""
+    """The settings of the temporal heads (without `enabled`) as sorted JSON."""
     return as_json({k: TEMPORAL[k] for k in TEMPORAL_KEYS})
+
+
+def temporal_arg(paths):
+    """`--temporal NAME=PATH ...` for the given temporal predictions, or "" when there are none;
+    paths in the order of the variants."""
+    if not paths:
+        return ""
+    pairs = " ".join(shlex_quote(f"{name}={path}") for name, path in zip(VARIANTS, paths))
+    return f"--temporal {pairs}"
 
 
 # ---- variants ------------------------------------------------------------------------------

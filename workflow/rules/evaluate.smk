@@ -3,12 +3,6 @@
 EVAL_SPLIT = config["evaluation"]["split"]
 
 
-def temporal_arg(paths):
-    """`--temporal NAME=PATH ...` for the temporal predictions among a rule's inputs (none: "")."""
-    if not paths:
-        return ""
-    return "--temporal " + " ".join(shlex_quote(f"{name}={path}") for name, path in zip(VARIANTS, paths))
-
 
 rule evaluate_ensemble:
     input:
