@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from . import schemas
 from .atomic import atomic_path
-from .inputcheck import require_inputs
+from .inputcheck import prog_of, require_inputs
 from .labels import NUM_EXPRESSIONS
 from .losses import ccc_loss, focal_loss
 from .truth import PROB_COLS, VA_COLS, load_ground_truth
@@ -360,7 +360,7 @@ def predictions_table(features: pl.DataFrame, probs: np.ndarray, va: np.ndarray,
 
 
 def train_main(args) -> int:
-    require_inputs("python -m ferflow.temporal train", [("--features", args.features, "file"),
+    require_inputs(f"{prog_of('temporal')} train", [("--features", args.features, "file"),
                                                         ("--accounting", args.accounting, "file")])
     settings = settings_with_defaults(json.loads(args.settings) if args.settings else {})
     if args.threads:
@@ -382,7 +382,7 @@ def train_main(args) -> int:
 
 
 def predict_main(args) -> int:
-    require_inputs("python -m ferflow.temporal predict", [("--model", args.model, "file"),
+    require_inputs(f"{prog_of('temporal')} predict", [("--model", args.model, "file"),
                                                           ("--features", args.features, "file")])
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -398,7 +398,7 @@ def predict_main(args) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ferflow.temporal", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog_of("temporal"), description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the temporal head of one variant on its training-split features")
     t.add_argument("--features", required=True, help="FEATURES parquet of the training split")
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train_main(args) if args.command == "train" else predict_main(args)
     except (ValueError, KeyError) as exc:  # SchemaError and EvaluationError are ValueErrors
-        print(f"ferflow.temporal: error: {exc}", file=sys.stderr)
+        print(f"{prog_of('temporal')}: error: {exc}", file=sys.stderr)
         return 2
 
 
