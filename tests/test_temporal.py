@@ -140,7 +140,8 @@ def _f1(y, pred) -> float:
 def test_temporal_head_uses_context_that_frame_level_and_smoothing_cannot():
     """Direction of motion: a frame-level model (the same head with window 1: each frame alone),
     even with the best smoothing window of the evaluation's search, stays near chance; the temporal
-    head over 16-frame windows beats it by at least 0.3 macro F1 (fixed seeds)."""
+    head over 16-frame windows beats it by at least 0.25 macro F1 (fixed seeds; measured: 0.84-0.88
+    against 0.505, the spread from torch's thread count)."""
     train_seqs, test_seqs = _moving_point(12, 80, seed=0), _moving_point(8, 80, seed=1)
     settings = dict(window=16, epochs=12, d_model=16, dim_feedforward=32, batch_size=8, heads=2, lr=3e-3, seed=0,
                     residual=False)  # the features carry no frame-level prediction to refine
@@ -154,7 +155,7 @@ def test_temporal_head_uses_context_that_frame_level_and_smoothing_cannot():
     key = test_seqs.seq * (1 << 32) + test_seqs.frame
     f1_frame = {w: _f1(test_seqs.expr, ensemble.smooth(key, frame_probs, w).argmax(1)) for w in ensemble.AUTO_WINDOWS}
     best = max(f1_frame.values())
-    assert f1_temporal >= best + 0.3, (f1_temporal, f1_frame)
+    assert f1_temporal >= best + 0.25, (f1_temporal, f1_frame)
 
 
 # ---- the feature file ----------------------------------------------------------------------
