@@ -237,6 +237,8 @@ def test_report_landing_page_in_a_browser(tiny_run, tmp_path):
     assert tables.ids[:2] == ["ferflow-metrics", "ferflow-per-video"], tables.ids
     metrics = json.loads((work / "results" / "evaluation" / "metrics.json").read_text())
     n_models = (len(metrics["variants"]) + 1) * (2 if metrics["smoothed"] else 1)
+    if metrics.get("temporal"):  # the temporal heads' rows: one per variant and the ensemble
+        n_models += len(metrics["temporal"]["variants"]) + 1
     assert tables.rows["ferflow-metrics"] == 1 + n_models
     per_video = (work / "results" / "report" / "per_video.csv").read_text().splitlines()
     assert tables.rows["ferflow-per-video"] == len(per_video)  # header + one row per video, both
