@@ -20,7 +20,7 @@ import polars as pl
 from . import atomic, layout
 from .ensemble import Aligned, fill_columns
 from .labels import EXPR_HEADER, NUM_EXPRESSIONS, VA_HEADER
-from .truth import SCORED_REASONS, EvaluationError, GroundTruth, sort_order
+from .truth import EvaluationError, GroundTruth, is_scored, sort_order
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def frame_count_mismatches(accounting: pl.DataFrame, split: str, videos: Sequenc
         if bad:
             out.append(f"{v}: {len(bad)} of its {n} frames did not decode (unreadable_frame: {_frames(bad)}); "
                        f"their lines are filled from the neighbouring frames")
-        scored = mine.filter((pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS)))
+        scored = mine.filter(is_scored())
         past = sorted(scored.filter(pl.col("frame") >= n)["frame"].to_list())
         if past:
             out.append(f"{v}: {len(past)} scored frames at or past its {n} frames ({_frames(past)}) "

@@ -32,7 +32,7 @@ from . import data, devices, schemas
 from .model import load_model
 from .inputcheck import prog_of, require_inputs
 from .labels import NUM_EXPRESSIONS
-from .truth import PROB_COLS, SCORED_REASONS, VA_COLS
+from .truth import PROB_COLS, VA_COLS, is_scored
 
 log = logging.getLogger("ferflow.predict")
 
@@ -92,8 +92,7 @@ def features_table(keys, fused: np.ndarray, predictions: pl.DataFrame, accountin
     ``predictions`` its PREDICTIONS table (probabilities and VA, possibly null for an untrained
     task). Written frames take their row by sample key; frames without a crop get has_face false
     and nulls. KeyError when a written frame of the split was not predicted."""
-    scored = accounting.filter((pl.col("split") == split) & (
-        (pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS))))
+    scored = accounting.filter((pl.col("split") == split) & is_scored())
     fused = np.asarray(fused, np.float32).reshape(len(keys), schemas.FEATURE_DIM)
     by_key = pl.DataFrame({"key": list(keys), "feature": pl.Series("feature", fused,
                                                                    pl.Array(pl.Float32, schemas.FEATURE_DIM))})

@@ -32,6 +32,12 @@ SCORED_REASONS = ("no_face", "unreadable_frame")  # dropped rows that are still 
 _FRAME_LIMIT = 1 << 31  # frames live in the low 32 bits of the sort key
 
 
+def is_scored() -> pl.Expr:
+    """Boolean polars expression over ACCOUNTING rows: the frame is scored (written, or dropped for
+    one of :data:`SCORED_REASONS`, whose prediction is then filled); null where status and reason are."""
+    return (pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS))
+
+
 class EvaluationError(ValueError):
     """A problem with the evaluation's inputs; the message names the file and what is wrong."""
 
@@ -149,9 +155,7 @@ def sort_order(key: np.ndarray) -> np.ndarray | None:
 
 def ground_truth_from_accounting(accounting: pl.DataFrame, split: str, where: str = "accounting") -> GroundTruth:
     """Select the scored frames of ``split`` from an ACCOUNTING table (see the module docstring)."""
-    scored = (pl.col("split") == split) & (
-        (pl.col("status") == "written") | pl.col("reason").is_in(list(SCORED_REASONS))
-    )
+    scored = (pl.col("split") == split) & is_scored()
     mask = accounting.select(scored.fill_null(False)).to_series().to_numpy()
     if not mask.any():
         present = sorted(s for s in accounting["split"].unique().to_list() if s is not None)
