@@ -304,3 +304,16 @@ def test_not_a_temporal_head_is_a_clear_error(tmp_path):
     torch.save({"weights": {}}, bad)
     with pytest.raises(KeyError, match="not a ferflow temporal head"):
         temporal.load_head(bad)
+
+
+def test_predict_with_a_file_that_is_not_a_head_is_one_line_naming_it(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_text("not a checkpoint\n")
+    features = tmp_path / "features.parquet"
+    features.write_text("unused\n")
+    out = tmp_path / "out.parquet"
+    rc = temporal.main(["predict", "--model", str(bad), "--features", str(features), "--out", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert rc == 2 and errors == [f"ferflow temporal: error: {bad}: not a ferflow temporal head (torch.load cannot "
+                                  "read it: not a file of tensors and plain values written by torch.save)"]
+    assert not out.exists()

@@ -441,11 +441,10 @@ def build_model(settings: dict, load_pretrained: bool = True) -> DAN:
     return model
 
 
-def load_model(path: str | os.PathLike, device: torch.device) -> tuple[DAN, dict]:
-    """The model of a ``model.pt`` written by ``ferflow.train`` and its training settings: rebuilt
-    by :func:`build_model` (the pretrained file is not read again), the weights read with
-    ``torch.load(weights_only=True)``, on ``device``, in eval mode. KeyError names a file that is
-    not a ferflow model (also one that torch.load cannot read: text, a truncated file, a pickle)."""
+def read_checkpoint(path: str | os.PathLike, keys: tuple[str, ...], what: str) -> dict:
+    """The dict of a checkpoint written by ``torch.save``, read with ``torch.load(weights_only=True)``
+    on the CPU. KeyError ``"{path}: not a {what} (...)"`` when torch.load cannot read it (text, a
+    truncated file, a pickle of objects), when it holds no dict, or when one of ``keys`` is missing."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all "not a model"
@@ -453,12 +452,21 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[DAN, dict
             reason = "not a file of tensors and plain values written by torch.save"
         else:
             reason = (str(exc).strip().splitlines() or [""])[0][:160] or type(exc).__name__
-        raise KeyError(f"{path}: not a ferflow model file (torch.load cannot read it: {reason})") from None
+        raise KeyError(f"{path}: not a {what} (torch.load cannot read it: {reason})") from None
     if not isinstance(ckpt, dict):
-        raise KeyError(f"{path}: not a ferflow model file (holds a {type(ckpt).__name__}, not a dict)")
-    for key in ("model_state_dict", "settings"):
+        raise KeyError(f"{path}: not a {what} (holds a {type(ckpt).__name__}, not a dict)")
+    for key in keys:
         if key not in ckpt:
-            raise KeyError(f"{path}: not a ferflow model file (no {key!r})")
+            raise KeyError(f"{path}: not a {what} (no {key!r})")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, device: torch.device) -> tuple[DAN, dict]:
+    """The model of a ``model.pt`` written by ``ferflow.train`` and its training settings: rebuilt
+    by :func:`build_model` (the pretrained file is not read again), the weights read with
+    ``torch.load(weights_only=True)``, on ``device``, in eval mode. KeyError names a file that is
+    not a ferflow model (also one that torch.load cannot read: text, a truncated file, a pickle)."""
+    ckpt = read_checkpoint(path, ("model_state_dict", "settings"), "ferflow model file")
     settings = ckpt["settings"]
     model = build_model(settings, load_pretrained=False)
     model.load_state_dict(ckpt["model_state_dict"])

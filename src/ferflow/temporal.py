@@ -64,6 +64,7 @@ from .atomic import atomic_path
 from .inputcheck import prog_of, require_inputs
 from .labels import NUM_EXPRESSIONS
 from .losses import ccc_loss, focal_loss
+from .model import read_checkpoint
 from .truth import PROB_COLS, VA_COLS, load_ground_truth
 
 log = logging.getLogger("ferflow.temporal")
@@ -339,10 +340,7 @@ def save_head(model: TemporalHead, settings: Mapping, in_dim: int, path: str | P
 def load_head(path: str | Path) -> tuple[TemporalHead, dict]:
     """A head saved by :func:`save_head` (``torch.load(weights_only=True)``), in eval mode.
     KeyError names a file that is not a temporal head."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "settings", "in_dim"):
-        if key not in ckpt:
-            raise KeyError(f"{path}: not a ferflow temporal head (no {key!r})")
+    ckpt = read_checkpoint(path, ("state_dict", "settings", "in_dim"), "ferflow temporal head")
     model = build_head(ckpt["settings"], int(ckpt["in_dim"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
@@ -421,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train_main(args) if args.command == "train" else predict_main(args)
     except (ValueError, KeyError) as exc:  # SchemaError and EvaluationError are ValueErrors
-        print(f"{prog_of('temporal')}: error: {exc}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        print(f"{prog_of('temporal')}: error: {message}", file=sys.stderr)
         return 2
 
 
