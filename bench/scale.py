@@ -29,18 +29,23 @@ arguments) and measures it:
 
 Per stage: wall time, CPU time (user + system of the stage's processes, from
 ``getrusage(RUSAGE_CHILDREN)`` before and after), peak memory (the summed RSS of the stage's
-process tree, sampled every 50 ms with psutil, or the largest ``ru_maxrss`` of a finished child
-when that is higher: a peak between two samples), and the disk of its outputs. Printed: a table
+process tree, sampled every 50 ms with psutil, or the stage process's own ``VmHWM`` when that is
+higher: a peak between two samples; ``bench/_peak.py`` runs the stage and reads it), and the disk of its outputs. Printed: a table
 per fraction, the growth exponents between fractions (slope of log cost against log annotated
 frames; from CPU time, wall time printed beside it: the machine is shared), and bytes on disk per
 frame for faces, shards and predictions.
 
 ``--extract`` measures ``python -m ferflow.extract video`` (OpenCV's Haar cascade at 160x120 on a
 generated 160x120 video of the demo face) at 1,000 and 54,000 frames (30 minutes at 30 fps).
+``--extract-retinaface N`` measures it with the workflow's default detector: RetinaFace ResNet-50
+(seeded random weights) on a 1280x720 video of N frames, detected at 640, on the CPU with one
+thread, following the boxes Haar finds (random weights find no face); the per-frame CPU time, peak
+memory and disk per crop are what ``extract_video_faces`` asks for (workflow/rules/common.smk).
 
     python bench/scale.py --max-fraction 0.1          # 1% and 10%: a few minutes on 2 cores
     python bench/scale.py --fractions 1 --extract     # full size: about an hour, ~10 GB of disk
     python bench/scale.py --fractions 0.01 --work /tmp/s --keep   # keep the outputs (tests read them)
+    python bench/scale.py --fractions --extract-retinaface 1000   # RetinaFace extraction: ~3 CPU-min
 """
 
 from __future__ import annotations
@@ -325,7 +330,7 @@ class Cost:
     cpu_s: float
     peak_mib: float
     disk_mib: float = 0.0
-    how: str = "tree"  # how the peak was measured: "tree" (sampled RSS) or "maxrss" (a child's ru_maxrss)
+    how: str = "tree"  # how the peak was measured: "tree" (sampled RSS) or "hwm" (the stage process's VmHWM)
 
 
 def _tree_rss(proc) -> int:
@@ -345,16 +350,22 @@ def _tree_rss(proc) -> int:
 
 
 def measure(cmd: list[str], log: Path, cwd: Path | None = None) -> Cost:
-    """Run ``cmd`` to the end and measure it (see the module doc). Raises CalledProcessError with
-    the log's tail when it fails."""
+    """Run ``cmd`` (``[python, "-m", module, ...]`` or ``[python, script, ...]``) to the end under
+    ``bench/_peak.py`` and measure it (see the module doc). Raises CalledProcessError with the log's
+    tail when it fails."""
     import psutil
 
+    assert cmd[0] == sys.executable, cmd
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_file = log.with_name(log.name + ".peak")
+    peak_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "_peak.py"), *cmd[1:]],
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1",
-                                     "POLARS_MAX_THREADS": os.environ.get("POLARS_MAX_THREADS", "2")})
+                                     "POLARS_MAX_THREADS": os.environ.get("POLARS_MAX_THREADS", "2"),
+                                     "FERFLOW_PEAK_FILE": str(peak_file)})
         ps = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
@@ -366,9 +377,9 @@ def measure(cmd: list[str], log: Path, cwd: Path | None = None) -> Cost:
         raise subprocess.CalledProcessError(proc.returncode, cmd, output=log.read_text()[-4000:])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     how = "tree"
-    maxrss = after.ru_maxrss * 1024  # KiB on Linux: the largest finished child so far
-    if after.ru_maxrss > before.ru_maxrss and maxrss > peak:
-        peak, how = maxrss, "maxrss"
+    hwm = int(peak_file.read_text()) * 1024  # the stage process's own peak (bench/_peak.py)
+    if hwm > peak:
+        peak, how = hwm, "hwm"
     return Cost(wall, cpu, peak / 2**20, how=how)
 
 
@@ -505,7 +516,7 @@ def run_fraction(work: Path, fraction: float, log=print) -> dict:
 
 def fmt_cost(c: Cost) -> str:
     return (f"wall {c.wall_s:7.1f} s  cpu {c.cpu_s:7.1f} s  peak {c.peak_mib:7.0f} MiB"
-            f"{'*' if c.how == 'maxrss' else ' '}  disk {c.disk_mib:7.1f} MiB")
+            f"{'*' if c.how == 'hwm' else ' '}  disk {c.disk_mib:7.1f} MiB")
 
 
 # ---- extraction of one long video ---------------------------------------------------------------
@@ -544,6 +555,63 @@ def run_extract(work: Path, lengths=(1000, 54000), log=print) -> dict[int, Cost]
     return out
 
 
+# ---- extraction with RetinaFace: cost per frame of the workflow's default detector ----------------
+def extract_retinaface_child(video: str, weights: str, tar: str, table: str, detect_size: int, min_score: float
+                             ) -> None:
+    """Child process of :func:`run_extract_retinaface`: :func:`ferflow.extract.extract_video` with
+    RetinaFace ResNet-50 on the CPU (one thread, ``detect_batch`` auto = 1) run on every frame the
+    tracker asks for, the tracker following the boxes OpenCV's Haar cascade finds on those frames
+    (bench/extract.py's ``RetinaFaceCostHaarBoxes``): ``weights`` are seeded random (the real ones
+    cannot be downloaded here; the cost of a forward pass does not depend on the values), and random
+    weights find no face to follow. ``min_score`` is calibrated by the parent to leave about 10 boxes
+    per frame, as real weights on a crowded frame do, so NMS is not flooded. Prints the detector's
+    frames as JSON on the last line."""
+    import extract as bench_extract  # bench/extract.py
+
+    from ferflow import extract as fx
+    from ferflow.retinaface import RetinaFaceDetector
+
+    detector = RetinaFaceDetector(weights, detect_size=detect_size, min_score=min_score, device="cpu",
+                                  batch_size="auto")
+    counting = bench_extract.RetinaFaceCostHaarBoxes(detector, bench_extract.CachedHaar(detect_size))
+    settings = fx.ExtractSettings(detector="retinaface", detect_size=detect_size, min_score=min_score,
+                                  detect_batch=detector.batch_size, device="cpu")
+    fx.extract_video(video, {"face": ""}, settings, counting, tar, table)
+    print(json.dumps({"detector_frames": counting.requests}))
+
+
+def run_extract_retinaface(work: Path, n: int, size=(1280, 720), detect_size: int = 640, log=print) -> Cost:
+    """One video of ``n`` frames at ``size`` (most Aff-Wild2 videos are 640x360 to 1280x720) extracted
+    with RetinaFace at ``detect_size``, every 5th frame detected (the defaults), measured as a stage:
+    what ``extract_video_faces`` asks for (workflow/rules/common.smk) comes from this."""
+    import torch
+
+    import extract as bench_extract  # bench/extract.py
+    from ferflow.extract import read_frames
+    from ferflow.retinaface import RetinaFaceDetector, build_retinaface
+
+    work.mkdir(parents=True, exist_ok=True)
+    video = work / f"face_{n}_{size[0]}x{size[1]}.mp4"
+    face_video(video, n, *size)
+    torch.manual_seed(0)
+    weights = work / "retinaface_random.pth"
+    torch.save(build_retinaface().state_dict(), weights)
+    probe = next(iter(read_frames(str(video))))[1]
+    min_score = bench_extract.calibrate(RetinaFaceDetector(str(weights), detect_size=detect_size), probe, target=10)
+    tar, table = work / f"rf_{n}.tar", work / f"rf_{n}.parquet"
+    c = measure([sys.executable, str(Path(__file__).resolve()), "--extract-retinaface-child", str(video), str(weights),
+                 str(tar), str(table), str(detect_size), str(min_score)], work / f"extract_rf_{n}.log")
+    c.disk_mib = disk_mib(tar, table)
+    asked = json.loads((work / f"extract_rf_{n}.log").read_text().strip().splitlines()[-1])
+    rows = pl.read_parquet(table)
+    found = rows.filter(pl.col("member").is_not_null()).height
+    log(f"  RetinaFace, {n} frames {size[0]}x{size[1]} detected at {detect_size}: {fmt_cost(c)}; detector ran on "
+        f"{asked['detector_frames']} frames ({asked['detector_frames'] / n:.2f} per frame), {found} of {n} frames "
+        f"with a crop; {c.cpu_s / n * 1000:.0f} CPU-ms per frame, {c.disk_mib * 2**20 / max(1, found) / 1000:.1f} kB "
+        f"on disk per crop")
+    return c
+
+
 # ---- evaluation alone at a given number of scored frames ----------------------------------------
 def run_evaluate_only(work: Path, frames: int, log=print) -> Cost:
     """``python -m ferflow.evaluate`` (6 variants, smoothing auto, plots) on ``frames`` scored
@@ -574,14 +642,14 @@ def run_evaluate_only(work: Path, frames: int, log=print) -> Cost:
 def report(runs: list[dict], log=print) -> None:
     fr = [r["frames"] for r in runs]
     log("")
-    log("per stage and fraction: wall s / CPU s / peak MiB / disk MiB (* peak from ru_maxrss)")
+    log("per stage and fraction: wall s / CPU s / peak MiB / disk MiB (* peak from the stage process's VmHWM)")
     head = f"{'stage':16s}" + "".join(f" | {r['fraction'] * 100:g}% ({r['frames']:,} frames)".ljust(44) for r in runs)
     log(head)
     for stage in STAGES:
         cells = []
         for r in runs:
             c = r["costs"].get(stage)
-            cells.append(" | " + (f"{c.wall_s:8.1f} {c.cpu_s:8.1f} {c.peak_mib:6.0f}{'*' if c.how == 'maxrss' else ' '}"
+            cells.append(" | " + (f"{c.wall_s:8.1f} {c.cpu_s:8.1f} {c.peak_mib:6.0f}{'*' if c.how == 'hwm' else ' '}"
                                   f" {c.disk_mib:8.1f}" if c else "-").ljust(41))
         log(f"{stage:16s}" + "".join(cells))
     if len(runs) >= 2:
@@ -616,14 +684,21 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep each fraction's data and outputs (default: deleted)")
     ap.add_argument("--extract", action="store_true", help="also measure extraction of 1,000 and 54,000 frames")
     ap.add_argument("--extract-frames", type=int, nargs="+", default=[1000, 54000])
+    ap.add_argument("--extract-retinaface", type=int, metavar="FRAMES", default=0,
+                    help="also measure extraction with RetinaFace (random weights) of a 1280x720 video of FRAMES frames")
     ap.add_argument("--evaluate-frames", type=int, nargs="*", default=[],
                     help="also measure the evaluation alone at these numbers of scored frames (e.g. 3000000)")
     ap.add_argument("--json", help="write the measurements to this JSON file")
     ap.add_argument("--plan-loader", metavar="SHARDS", help=argparse.SUPPRESS)
+    ap.add_argument("--extract-retinaface-child", nargs=6, help=argparse.SUPPRESS)
     ap.add_argument("--write-predictions", nargs=3, metavar=("SHARDS", "OUT", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plan_loader:
         plan_loader(args.plan_loader)
+        return 0
+    if args.extract_retinaface_child:
+        video, weights, tar, table, size, min_score = args.extract_retinaface_child
+        extract_retinaface_child(video, weights, tar, table, int(size), float(min_score))
         return 0
     if args.write_predictions:
         shards, out, seed = args.write_predictions
@@ -657,6 +732,14 @@ def main(argv=None) -> int:
         (a, ca), (b, cb) = list(extracted.items())[0], list(extracted.items())[-1]
         print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
               f"({cb.peak_mib - ca.peak_mib:+.0f} MiB); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
+    if args.extract_retinaface:
+        print("\nextraction with RetinaFace (random weights, Haar's boxes followed; CPU, one thread):", flush=True)
+        try:
+            extracted[f"retinaface_{args.extract_retinaface}"] = run_extract_retinaface(
+                base / "extract_rf", args.extract_retinaface)
+        finally:
+            if not args.keep:
+                shutil.rmtree(base / "extract_rf", ignore_errors=True)
     evaluated = {}
     for n in args.evaluate_frames:
         print(f"\nevaluation alone at {n:,} scored frames:", flush=True)

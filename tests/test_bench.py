@@ -199,3 +199,38 @@ def test_annotate_bench_smoke_mode():
     for kind, _, det, nets, rest, detected in sides:
         assert abs(float(det) + float(nets) + float(rest) - 100) < 0.3
         assert (int(detected) == 8) if kind == "loop" else (int(detected) < 8)
+
+
+def test_peak_reports_the_stage_process_own_peak_not_the_parent_size(tmp_path):
+    """bench/_peak.py: the child's VmHWM counts what the child allocated (a 300 MB buffer it fills)
+    and not the memory of the process that started it, which the child's ru_maxrss does carry over
+    (the bug it replaces in bench/scale.py: a parent holding a big input read as the stage's peak)."""
+    import resource
+
+    script = tmp_path / "alloc.py"
+    script.write_text("import sys\nbuf = bytearray(int(sys.argv[1]) * 2**20)\nbuf[::4096] = b'x' * len(buf[::4096])\n")
+    parent_ballast = bytearray(600 * 2**20)
+    parent_ballast[::4096] = b"y" * len(parent_ballast[::4096])  # resident in this process
+    results = {}
+    for mb in (50, 300):
+        peak_file = tmp_path / f"peak{mb}"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        subprocess.run([sys.executable, str(REPO / "bench" / "_peak.py"), str(script), str(mb)], check=True,
+                       env={**os.environ, "FERFLOW_PEAK_FILE": str(peak_file)})
+        results[mb] = int(peak_file.read_text()) / 1024  # MiB
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    del parent_ballast
+    # the script's own peak: its buffer plus a Python interpreter (tens of MB), never the parent's 600 MB
+    assert 300 <= results[300] < 300 + 150, results
+    assert 50 <= results[50] < 50 + 150, results
+    assert 240 <= results[300] - results[50] <= 260, results
+    # what ru_maxrss says of the same children: at least the parent's ballast (why it is not used)
+    assert max(before, after) / 1024 >= 600, (before, after)
+
+
+def test_peak_runs_a_module_with_its_arguments_and_exit_status(tmp_path):
+    peak_file = tmp_path / "peak"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "_peak.py"), "-m", "json.tool", "--no-such-flag"],
+                          env={**os.environ, "FERFLOW_PEAK_FILE": str(peak_file)}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--no-such-flag" in proc.stderr  # argparse of json.tool saw the argument
+    assert int(peak_file.read_text()) > 1000  # KiB: written on sys.exit too
