@@ -37,15 +37,17 @@ frame for faces, shards and predictions.
 
 ``--extract`` measures ``python -m ferflow.extract video`` (OpenCV's Haar cascade at 160x120 on a
 generated 160x120 video of the demo face) at 1,000 and 54,000 frames (30 minutes at 30 fps).
-``--extract-retinaface N`` measures it with the workflow's default detector: RetinaFace ResNet-50
-(seeded random weights) on a 1280x720 video of N frames, detected at 640, on the CPU with one
-thread, following the boxes Haar finds (random weights find no face); the per-frame CPU time, peak
-memory and disk per crop are what ``extract_video_faces`` asks for (workflow/rules/common.smk).
+``--extract-detectors retinaface mtcnn haar`` (``--extract-detector-frames N``, default 1000)
+measures it per detector on a 1280x720 video, detected at 640 every 5th frame (the defaults), on the
+CPU with one thread: MTCNN and Haar through ``python -m ferflow.extract video``; RetinaFace
+ResNet-50 (the workflow's default) with seeded random weights, following the boxes Haar finds on the
+frames it is run on (random weights find no face). The per-frame CPU time, peak memory and disk per
+crop are what ``extract_video_faces`` asks for (workflow/rules/common.smk).
 
     python bench/scale.py --max-fraction 0.1          # 1% and 10%: a few minutes on 2 cores
     python bench/scale.py --fractions 1 --extract     # full size: about an hour, ~10 GB of disk
     python bench/scale.py --fractions 0.01 --work /tmp/s --keep   # keep the outputs (tests read them)
-    python bench/scale.py --fractions --extract-retinaface 1000   # RetinaFace extraction: ~3 CPU-min
+    python bench/scale.py --fractions --extract-detectors retinaface mtcnn haar   # ~5 CPU-min
 """
 
 from __future__ import annotations
@@ -580,9 +582,10 @@ def extract_retinaface_child(video: str, weights: str, tar: str, table: str, det
     print(json.dumps({"detector_frames": counting.requests}))
 
 
-def run_extract_retinaface(work: Path, n: int, size=(1280, 720), detect_size: int = 640, log=print) -> Cost:
+def run_extract_detector(work: Path, detector: str, n: int, size=(1280, 720), detect_size: int = 640,
+                         log=print) -> Cost:
     """One video of ``n`` frames at ``size`` (most Aff-Wild2 videos are 640x360 to 1280x720) extracted
-    with RetinaFace at ``detect_size``, every 5th frame detected (the defaults), measured as a stage:
+    with ``detector`` at ``detect_size``, every 5th frame detected (the defaults), measured as a stage:
     what ``extract_video_faces`` asks for (workflow/rules/common.smk) comes from this."""
     import torch
 
@@ -592,23 +595,31 @@ def run_extract_retinaface(work: Path, n: int, size=(1280, 720), detect_size: in
 
     work.mkdir(parents=True, exist_ok=True)
     video = work / f"face_{n}_{size[0]}x{size[1]}.mp4"
-    face_video(video, n, *size)
-    torch.manual_seed(0)
-    weights = work / "retinaface_random.pth"
-    torch.save(build_retinaface().state_dict(), weights)
-    probe = next(iter(read_frames(str(video))))[1]
-    min_score = bench_extract.calibrate(RetinaFaceDetector(str(weights), detect_size=detect_size), probe, target=10)
-    tar, table = work / f"rf_{n}.tar", work / f"rf_{n}.parquet"
-    c = measure([sys.executable, str(Path(__file__).resolve()), "--extract-retinaface-child", str(video), str(weights),
-                 str(tar), str(table), str(detect_size), str(min_score)], work / f"extract_rf_{n}.log")
+    if not video.exists():
+        face_video(video, n, *size)
+    tar, table, log_file = work / f"{detector}_{n}.tar", work / f"{detector}_{n}.parquet", work / f"{detector}_{n}.log"
+    if detector == "retinaface":
+        torch.manual_seed(0)
+        weights = work / "retinaface_random.pth"
+        torch.save(build_retinaface().state_dict(), weights)
+        probe = next(iter(read_frames(str(video))))[1]
+        min_score = bench_extract.calibrate(RetinaFaceDetector(str(weights), detect_size=detect_size), probe, target=10)
+        c = measure([sys.executable, str(Path(__file__).resolve()), "--extract-retinaface-child", str(video),
+                     str(weights), str(tar), str(table), str(detect_size), str(min_score)], log_file)
+        asked = json.loads(log_file.read_text().strip().splitlines()[-1])["detector_frames"]
+    else:
+        settings = json.dumps({"detector": detector, "detect_size": detect_size, "device": "cpu"})
+        c = measure([sys.executable, "-m", "ferflow.extract", "video", "--video", str(video), "--person", "face=",
+                     "--settings", settings, "--out-tar", str(tar), "--out-table", str(table)], log_file)
+        asked = None
     c.disk_mib = disk_mib(tar, table)
-    asked = json.loads((work / f"extract_rf_{n}.log").read_text().strip().splitlines()[-1])
     rows = pl.read_parquet(table)
     found = rows.filter(pl.col("member").is_not_null()).height
-    log(f"  RetinaFace, {n} frames {size[0]}x{size[1]} detected at {detect_size}: {fmt_cost(c)}; detector ran on "
-        f"{asked['detector_frames']} frames ({asked['detector_frames'] / n:.2f} per frame), {found} of {n} frames "
-        f"with a crop; {c.cpu_s / n * 1000:.0f} CPU-ms per frame, {c.disk_mib * 2**20 / max(1, found) / 1000:.1f} kB "
-        f"on disk per crop")
+    statuses = dict(rows.group_by("status").len().iter_rows())
+    log(f"  {detector}, {n} frames {size[0]}x{size[1]} detected at {detect_size}: {fmt_cost(c)}; "
+        + (f"detector ran on {asked} frames ({asked / n:.2f} per frame), " if asked is not None else "")
+        + f"rows {statuses}, {found} with a crop; {c.cpu_s / n * 1000:.0f} CPU-ms per frame, "
+        f"{c.disk_mib * 2**20 / max(1, found) / 1000:.1f} kB on disk per crop")
     return c
 
 
@@ -684,8 +695,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep each fraction's data and outputs (default: deleted)")
     ap.add_argument("--extract", action="store_true", help="also measure extraction of 1,000 and 54,000 frames")
     ap.add_argument("--extract-frames", type=int, nargs="+", default=[1000, 54000])
-    ap.add_argument("--extract-retinaface", type=int, metavar="FRAMES", default=0,
-                    help="also measure extraction with RetinaFace (random weights) of a 1280x720 video of FRAMES frames")
+    ap.add_argument("--extract-detectors", nargs="*", default=[], choices=["retinaface", "mtcnn", "haar"],
+                    help="also measure extraction of a 1280x720 video with these detectors (RetinaFace: random weights)")
+    ap.add_argument("--extract-detector-frames", type=int, default=1000, help="its frames (default 1000)")
     ap.add_argument("--evaluate-frames", type=int, nargs="*", default=[],
                     help="also measure the evaluation alone at these numbers of scored frames (e.g. 3000000)")
     ap.add_argument("--json", help="write the measurements to this JSON file")
@@ -732,14 +744,16 @@ def main(argv=None) -> int:
         (a, ca), (b, cb) = list(extracted.items())[0], list(extracted.items())[-1]
         print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
               f"({cb.peak_mib - ca.peak_mib:+.0f} MiB); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
-    if args.extract_retinaface:
-        print("\nextraction with RetinaFace (random weights, Haar's boxes followed; CPU, one thread):", flush=True)
+    if args.extract_detectors:
+        print("\nextraction per detector (CPU, one thread; RetinaFace: random weights following Haar's boxes):",
+              flush=True)
         try:
-            extracted[f"retinaface_{args.extract_retinaface}"] = run_extract_retinaface(
-                base / "extract_rf", args.extract_retinaface)
+            for d in args.extract_detectors:
+                extracted[f"{d}_{args.extract_detector_frames}"] = run_extract_detector(
+                    base / "extract_detectors", d, args.extract_detector_frames)
         finally:
             if not args.keep:
-                shutil.rmtree(base / "extract_rf", ignore_errors=True)
+                shutil.rmtree(base / "extract_detectors", ignore_errors=True)
     evaluated = {}
     for n in args.evaluate_frames:
         print(f"\nevaluation alone at {n:,} scored frames:", flush=True)
