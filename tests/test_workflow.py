@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -348,3 +349,45 @@ def test_content_change_with_an_older_mtime_reruns_what_depends_on_it(tmp_path):
     _replace_keeping_an_old_mtime(video, other.read_bytes(), tmp_path)
     assert _jobs_to_run(snakemake(tmp_path, "-n", target, configs=configs)) == {"extract_video_faces": 1,
                                                                                  "write_shards": 1}
+
+
+def _dry_run_resources(proc, rule: str) -> dict[str, dict[str, str]]:
+    """``{output file name: {resource: value}}`` of the jobs of ``rule`` in a dry run's job list."""
+    import re
+
+    out, jobs = proc.stdout + proc.stderr, {}
+    for block in out.split("\nrule ")[1:]:
+        if not block.startswith(rule + ":"):
+            continue
+        output = re.search(r"^\s+output: ([^,\s]+)", block, re.MULTILINE).group(1)
+        res = re.search(r"^\s+resources: (.+)$", block, re.MULTILINE).group(1)
+        jobs[Path(output).name] = dict(kv.split("=", 1) for kv in res.split(", "))
+    return jobs
+
+
+def test_extraction_asks_for_time_and_disk_by_the_video_length_and_flat_memory(tmp_path):
+    """extract_video_faces' resources come from bench/scale.py's figures (common.smk): runtime and
+    disk grow with the frames of the unit (its annotation files' lines), memory does not; RetinaFace
+    asks for more than its measured peak (1042 MiB) and costs more time per frame than MTCNN."""
+    from ferflow import demo
+
+    plan = demo.generate(tmp_path / "data", seed=0, size="tiny")
+    root = tmp_path / "data" / "affwild2"
+    asked = {}
+    for detector in ("retinaface", "mtcnn"):
+        cfg = tmp_path / f"{detector}.yaml"
+        cfg.write_text(f"demo: {{enabled: false}}\nsources:\n  - {{name: aw, kind: affwild2, root: {root}}}\n"
+                       f"extract: {{detector: {detector}, device: cpu}}\n")
+        proc = snakemake(tmp_path, "-n", "-p", "results/accounting.parquet", configs=(CONFIG, TINY, cfg))
+        asked[detector] = _dry_run_resources(proc, "extract_video_faces")
+    units = {f"{u.stem}.tar": u for u in plan.units}
+    assert set(asked["retinaface"]) == set(units)
+    for name, res in asked["retinaface"].items():
+        unit = units[name]
+        lines = max((tmp_path / "data" / f).read_bytes().count(b"\n") for f in plan.files  # a header + a line per frame
+                    if f.endswith(".txt") and Path(f).stem in {a.name for a in unit.annotations})
+        persons = len(unit.annotations)
+        assert int(res["disk_mb"]) == int(100 + lines * persons * 20 / 1000)  # 20 kB per crop, 100 MB spare
+        assert int(res["runtime"]) == int(10 + 2 * lines * 0.15 / 60)  # twice 0.15 CPU-s per frame, 10 min spare
+        assert int(res["mem_mb"]) >= 1100 and res["mem_mb"] == next(iter(asked["retinaface"].values()))["mem_mb"]
+        assert int(asked["mtcnn"][name]["runtime"]) <= int(res["runtime"])

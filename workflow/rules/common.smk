@@ -1,5 +1,7 @@
 # Config validation, source/unit tables, input functions and per-stage code versions.
 import atexit
+import errno
+import functools
 import hashlib
 import re
 import json
@@ -477,3 +479,71 @@ EVAL_MB_PER_INPUT_MB = 4
 
 def evaluate_mem_mb(wildcards, input):
     return int(1000 + EVAL_MB_PER_INPUT_MB * files_mb([*input.predictions, input.accounting]))
+
+
+# extraction (extract_video_faces, one job per video): its time grows with the video's frames, its
+# memory does not (bench/scale.py --extract for the growth, --extract-detectors for the per-frame
+# cost). Measured per detector on a 1280x720 video detected at 640, every 5th frame, CPU, one thread
+# (the rule's threads: 1): decoding every frame, the detector on ~0.21 frames per frame (keyframes and
+# re-detections), cropping and JPEG-writing every frame. Measured 2026-11-30 on the 2-CPU VM: CPU ms
+# per frame / peak MiB: RetinaFace ResNet-50 148 / 1042, MTCNN 40 / 1192, Haar 33 / 195. On a GPU the
+# detection is far cheaper; these CPU figures are then an upper bound (a GPU's was not measured).
+# Aff-Wild2's own cropped_aligned faces (no detection) were not measured apart: Haar's figures, an
+# upper bound.
+EXTRACT_CPU_S_PER_FRAME = {"retinaface": 0.15, "mtcnn": 0.04, "haar": 0.035, "cropped": 0.035}
+EXTRACT_PEAK_MB = {"retinaface": 1050, "mtcnn": 1200, "haar": 200, "cropped": 200}
+EXTRACT_CROP_KB = 20  # disk per crop: 224 px JPEG at quality 90 (16-17 kB measured) and its table row
+EXTRACT_DEFAULT_FRAMES = 54000  # a unit whose length cannot be read yet: 30 minutes at 30 fps
+
+
+@functools.lru_cache(maxsize=None)
+def _lines(path):
+    with open(path, "rb") as fh:
+        return sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
+
+
+@functools.lru_cache(maxsize=None)
+def _container_frames(path):
+    import cv2  # only for test-list videos, which have no annotation file to count
+
+    cap = cv2.VideoCapture(path)
+    try:
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+    finally:
+        cap.release()
+    return n or EXTRACT_DEFAULT_FRAMES
+
+
+def unit_frames(wildcards):
+    """Frames of an Aff-Wild2 unit's video, for its job's resources: the longest of its annotation
+    files (one line per frame, plus a header) or, for a test-list video without one, the count its
+    container states. Before the video exists (the demo's, until make_demo ran), a FileNotFoundError
+    naming it, an input of the job: Snakemake then evaluates the resources once it exists."""
+    unit = units(wildcards.source)[wildcards.unit]
+    if not os.path.exists(unit.video_path):
+        raise FileNotFoundError(errno.ENOENT, "not written yet", unit.video_path)
+    files = [f for a in unit.annotations for f in a.files.values() if os.path.isfile(f)]
+    if files:
+        return max(_lines(f) for f in files)
+    return _container_frames(unit.video_path)
+
+
+def _extract_kind(wildcards):
+    return "cropped" if SOURCES[wildcards.source].get("cropped_aligned") else config["extract"]["detector"]
+
+
+def extract_runtime(wildcards):
+    """Minutes: twice the measured CPU time of the unit's frames (slower nodes, busy disks), plus
+    10; detecting more often than every 5th frame costs proportionally more."""
+    kind = _extract_kind(wildcards)
+    per_frame = EXTRACT_CPU_S_PER_FRAME[kind] * (max(1.0, 5 / config["extract"]["detect_every"]) if kind != "cropped" else 1)
+    return int(10 + 2 * unit_frames(wildcards) * per_frame / 60)
+
+
+def extract_mem_mb(wildcards):
+    return int(1.5 * EXTRACT_PEAK_MB[_extract_kind(wildcards)] + 500)
+
+
+def extract_disk_mb(wildcards):
+    persons = len(units(wildcards.source)[wildcards.unit].annotations)
+    return int(100 + unit_frames(wildcards) * max(1, persons) * EXTRACT_CROP_KB / 1000)

@@ -25,8 +25,10 @@ rule extract_video_faces:
         "logs/extract_video_faces/{source}/{unit}.log",
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=120,
+        # from bench/scale.py's measurements: time per frame of the video, flat memory (common.smk)
+        mem_mb=extract_mem_mb,
+        disk_mb=extract_disk_mb,
+        runtime=extract_runtime,
         gpu=lambda wc: 0 if SOURCES[wc.source].get("cropped_aligned") else uses_gpu_detector(),
     conda:
         "../../envs/ferflow.yaml"
