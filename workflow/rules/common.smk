@@ -472,6 +472,19 @@ def shards_disk_mb(wildcards, input):
     return int(1000 + 1.2 * files_mb(input.tars))
 
 
+# shards time: CPU per MB of manifests (403 CPU-s for 11.7 MB at full size on a busy machine, 211
+# alone: 35 s/MB) plus copying the crops, which the bench's 16x16 crops do not measure: 50 MB/s
+# assumed for a cluster's shared filesystem (full ABAW3 with 224 px crops: ~30 GB, ~10 minutes).
+SHARDS_CPU_S_PER_MANIFEST_MB = 35
+SHARDS_COPY_MB_PER_S = 50
+
+
+def shards_runtime(wildcards, input):
+    """Minutes: twice the measured CPU time and the copy time, plus 10."""
+    seconds = SHARDS_CPU_S_PER_MANIFEST_MB * files_mb(input.manifests) + files_mb(input.tars) / SHARDS_COPY_MB_PER_S
+    return int(10 + 2 * seconds / 60)
+
+
 # evaluation: peak memory per MB of prediction files and accounting (3.0 GB measured for 6 variants
 # of 3M scored frames, about 700 MB of predictions and accounting: 2.9/MB).
 EVAL_MB_PER_INPUT_MB = 4

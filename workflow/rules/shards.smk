@@ -18,12 +18,11 @@ rule write_shards:
         "logs/write_shards/write_shards.log",
     threads: 1
     resources:
-        # from the manifests' size (common.smk); disk: a copy of the crops. Measured (bench/scale.py):
-        # see docs/running.md, "Sizing". The runtime leaves room for real 224 px crops (~10 kB each,
-        # 30 GB to copy for full ABAW3): the bench's 16x16 crops measure the CPU, not the disk.
+        # from the size of the manifests and crops (common.smk); disk: a copy of the crops. Measured
+        # (bench/scale.py): see docs/running.md, "Sizing".
         mem_mb=shards_mem_mb,
         disk_mb=shards_disk_mb,
-        runtime=240,
+        runtime=shards_runtime,
     conda:
         "../../envs/ferflow.yaml"
     shell:
