@@ -473,8 +473,8 @@ def shards_disk_mb(wildcards, input):
 
 
 # shards time: CPU per MB of manifests (403 CPU-s for 11.7 MB at full size on a busy machine, 211
-# alone: 35 s/MB) plus copying the crops, which the bench's 16x16 crops do not measure: 50 MB/s
-# assumed for a cluster's shared filesystem (full ABAW3 with 224 px crops: ~30 GB, ~10 minutes).
+# alone: 35 s/MB) plus copying the crops, which the 16x16 crops of the bench do not measure: 50 MB/s
+# assumed for the shared filesystem of a cluster (full ABAW3 with 224 px crops: ~30 GB, ~10 minutes).
 SHARDS_CPU_S_PER_MANIFEST_MB = 35
 SHARDS_COPY_MB_PER_S = 50
 
@@ -494,14 +494,14 @@ def evaluate_mem_mb(wildcards, input):
     return int(1000 + EVAL_MB_PER_INPUT_MB * files_mb([*input.predictions, input.accounting]))
 
 
-# extraction (extract_video_faces, one job per video): its time grows with the video's frames, its
+# extraction (extract_video_faces, one job per video): its time grows with the frames of the video, its
 # memory does not (bench/scale.py --extract for the growth, --extract-detectors for the per-frame
 # cost). Measured per detector on a 1280x720 video detected at 640, every 5th frame, CPU, one thread
-# (the rule's threads: 1): decoding every frame, the detector on ~0.21 frames per frame (keyframes and
+# (threads: 1 in the rule): decoding every frame, the detector on ~0.21 frames per frame (keyframes and
 # re-detections), cropping and JPEG-writing every frame. Measured 2026-11-30 on the 2-CPU VM: CPU ms
 # per frame / peak MiB: RetinaFace ResNet-50 148 / 1042, MTCNN 40 / 1192, Haar 33 / 195. On a GPU the
-# detection is far cheaper; these CPU figures are then an upper bound (a GPU's was not measured).
-# Aff-Wild2's own cropped_aligned faces (no detection) were not measured apart: Haar's figures, an
+# detection is far cheaper; these CPU figures are then an upper bound (no GPU was measured).
+# The cropped_aligned faces of Aff-Wild2 (no detection) were not measured apart: the Haar figures, an
 # upper bound.
 EXTRACT_CPU_S_PER_FRAME = {"retinaface": 0.15, "mtcnn": 0.04, "haar": 0.035, "cropped": 0.035}
 EXTRACT_PEAK_MB = {"retinaface": 1050, "mtcnn": 1200, "haar": 200, "cropped": 200}
@@ -528,9 +528,9 @@ def _container_frames(path):
 
 
 def unit_frames(wildcards):
-    """Frames of an Aff-Wild2 unit's video, for its job's resources: the longest of its annotation
+    """Frames of the video of an Aff-Wild2 unit, for the resources of its job: the longest of its annotation
     files (one line per frame, plus a header) or, for a test-list video without one, the count its
-    container states. Before the video exists (the demo's, until make_demo ran), a FileNotFoundError
+    container states. Before the video exists (a demo video, until make_demo ran), a FileNotFoundError
     naming it, an input of the job: Snakemake then evaluates the resources once it exists."""
     unit = units(wildcards.source)[wildcards.unit]
     if not os.path.exists(unit.video_path):
@@ -546,7 +546,7 @@ def _extract_kind(wildcards):
 
 
 def extract_runtime(wildcards):
-    """Minutes: twice the measured CPU time of the unit's frames (slower nodes, busy disks), plus
+    """Minutes: twice the measured CPU time of the frames of the unit (slower nodes, busy disks), plus
     10; detecting more often than every 5th frame costs proportionally more."""
     kind = _extract_kind(wildcards)
     per_frame = EXTRACT_CPU_S_PER_FRAME[kind] * (max(1.0, 5 / config["extract"]["detect_every"]) if kind != "cropped" else 1)

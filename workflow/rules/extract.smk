@@ -25,7 +25,7 @@ rule extract_video_faces:
         "logs/extract_video_faces/{source}/{unit}.log",
     threads: 1
     resources:
-        # from bench/scale.py's measurements: time per frame of the video, flat memory (common.smk)
+        # from the measurements of bench/scale.py: time per frame of the video, flat memory (common.smk)
         mem_mb=extract_mem_mb,
         disk_mb=extract_disk_mb,
         runtime=extract_runtime,
