@@ -162,11 +162,13 @@ class LabelIndex:
     No Python object per row: the loader's workers are forked and look a row up per sample, and
     touching a Python object (its reference count) in a forked worker copies the memory page it
     lies on, so a dict of keys or lists of strings per row would become a private copy of the whole
-    index in every worker (pytorch/pytorch#13246, "DataLoader memory grows with Python lists/dicts
-    in the dataset"). Here every per-row column is one numpy array: the keys a sorted fixed-width
+    index in every worker (pytorch/pytorch#13246, "DataLoader num_workers > 0 causes CPU memory from
+    parent process to be replicated in all worker processes"; ``bench/label_index.py`` measures it
+    here). Here every per-row column is one numpy array: the keys a sorted fixed-width
     bytes array searched with ``np.searchsorted``; source, video and shard int32 codes into
-    sorted polars Series of their distinct names (Arrow buffers: no object per name either).
-    Rows are in labels.parquet's order (of the split).
+    sorted fixed-width bytes arrays of their distinct names (AffectNet and ExpW have a "video"
+    per image: hundreds of thousands of names). Nothing here calls polars, whose thread pool a
+    forked worker must not use. Rows are in labels.parquet's order (of the split).
     """
 
     keys: np.ndarray  # (n,) bytes "S<w>": the UTF-8 keys, sorted
@@ -178,9 +180,9 @@ class LabelIndex:
     video_code: np.ndarray  # (n,) int32 into video_names
     frame: np.ndarray  # (n,) int64
     shard_code: np.ndarray  # (n,) int32 into shard_names
-    source_names: pl.Series  # sorted distinct sources (String)
-    video_names: pl.Series  # sorted distinct videos (String)
-    shard_names: pl.Series  # sorted distinct shards (String), "<split>/shard-NNNNNN.tar"
+    source_names: np.ndarray  # (sources,) bytes "S<w>": sorted distinct sources, UTF-8
+    video_names: np.ndarray  # (videos,) bytes "S<w>": sorted distinct videos, UTF-8
+    shard_names: np.ndarray  # (shards,) bytes "S<w>": sorted distinct shards ("<split>/shard-NNNNNN.tar")
 
     def __len__(self) -> int:
         return len(self.key_rows)
@@ -190,8 +192,7 @@ class LabelIndex:
         is not in the split's labels."""
         kb = key.encode("utf-8")
         i = int(self.keys.searchsorted(kb))
-        # 'S' arrays drop trailing NULs: a key ending in one would match its stripped form
-        if i < len(self.keys) and self.keys[i] == kb and not kb.endswith(b"\0"):
+        if i < len(self.keys) and self.keys[i] == kb:  # keys[i]: trailing NULs dropped, so b"k\0" != b"k"
             return int(self.key_rows[i])
         raise KeyError(f"{shard}: sample {key!r} has no row in labels.parquet")
 
@@ -201,13 +202,14 @@ class LabelIndex:
         return np.fromiter((self.lookup(k, where) for k in keys), dtype=np.int64, count=len(keys))
 
     def source_of(self, row: int) -> str:
-        return self.source_names[int(self.source_code[row])]
+        return self.source_names[self.source_code[row]].decode("utf-8")
 
     def video_of(self, row: int) -> str:
-        return self.video_names[int(self.video_code[row])]
+        return self.video_names[self.video_code[row]].decode("utf-8")
 
     def shard_of(self, row: int) -> str:
-        return self.shard_names[int(self.shard_code[row])]
+        """The shard (``<split>/shard-NNNNNN.tar``, as in labels.parquet) that holds ``row``."""
+        return self.shard_names[self.shard_code[row]].decode("utf-8")
 
 
 def read_labels(shard_dir: str | Path) -> pl.DataFrame:
@@ -253,13 +255,16 @@ def fixed_width_bytes(strings: pl.Series) -> np.ndarray:
     return out.view(f"S{width}").reshape(n)
 
 
-def _codes(values: pl.Series) -> tuple[np.ndarray, pl.Series]:
-    """(int32 codes, sorted distinct values) of a String Series: values == names[codes]. Raises
-    ValueError naming the column when a value is null."""
-    if values.null_count():
-        raise ValueError(f"labels.parquet: {values.name} column: {values.null_count()} null values")
+def _codes(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 codes, sorted distinct values as :func:`fixed_width_bytes`) of a String Series:
+    ``values[i] == names[codes[i]].decode()``. Raises ValueError naming the column when a value is
+    null or holds a NUL byte."""
     names = values.unique().sort()
-    return values.cast(pl.Enum(names)).to_physical().to_numpy().astype(np.int32), names
+    try:
+        fixed = fixed_width_bytes(names)
+    except ValueError as exc:
+        raise ValueError(f"labels.parquet: {values.name} column: {exc}") from None
+    return values.cast(pl.Enum(names)).to_physical().to_numpy().astype(np.int32), fixed
 
 
 def label_index(labels: pl.DataFrame, split: str, frame_step: int = 1) -> LabelIndex:
@@ -565,7 +570,8 @@ class ShardStream(IterableDataset):
         else:
             k = kept.astype(np.int64)
         per_code = np.bincount(index.shard_code, weights=k, minlength=len(index.shard_names))
-        per_shard = dict(zip(index.shard_names.to_list(), per_code.round().astype(np.int64).tolist()))
+        names = [n.decode("utf-8") for n in index.shard_names]
+        per_shard = dict(zip(names, per_code.round().astype(np.int64).tolist()))
         return [sum(per_shard.get(_relative_shard(p), 0) for p in self.worker_shards(w))
                 for w in range(self.n_logical)]
 
