@@ -235,23 +235,27 @@ def frame_step_mask(labels: pl.DataFrame, frame_step: int) -> np.ndarray:
     return keep
 
 
-def fixed_width_bytes(strings: pl.Series) -> np.ndarray:
-    """A String Series as a numpy fixed-width bytes array ``S<w>`` (w: the longest UTF-8 length),
-    copied from its Arrow buffers without a Python object per element. Raises ValueError when an
-    element is null or contains a NUL byte ('S' arrays drop trailing NULs)."""
+def fixed_width_bytes(strings: pl.Series, order: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:
+    """A String Series (its elements in ``order`` when given) as a numpy fixed-width bytes array
+    ``S<w>`` (w: the longest UTF-8 length), copied from the Arrow buffers of ``chunk`` elements at a
+    time: no Python object per element, and little memory besides the result. Raises ValueError
+    when an element is null or contains a NUL byte ('S' arrays drop trailing NULs)."""
     if strings.null_count():
         raise ValueError(f"{strings.null_count()} null values")
-    arr = strings.to_arrow()
-    arr = (arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr).cast(pa.large_binary())
-    n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if n else np.zeros(0, np.uint8)
-    if (data == 0).any():
-        raise ValueError("a value contains a NUL byte")
-    lengths = np.diff(offsets)
-    width = max(1, int(lengths.max()) if n else 1)
+    n = len(strings) if order is None else len(order)
+    width = max(1, int(strings.str.len_bytes().max() or 0))
     out = np.zeros((n, width), dtype=np.uint8)
-    out[np.arange(width) < lengths[:, None]] = data  # row-major: the values one after the other
+    for start in range(0, n, chunk):
+        part = strings.slice(start, chunk) if order is None else strings.gather(order[start:start + chunk])
+        arr = part.to_arrow()
+        arr = (arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr).cast(pa.large_binary())
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+        data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        if (data == 0).any():
+            raise ValueError("a value contains a NUL byte")
+        lengths = np.diff(offsets)
+        # row-major: the masked bytes of the rows are the values one after the other
+        out[start:start + len(arr)][np.arange(width) < lengths[:, None]] = data
     return out.view(f"S{width}").reshape(n)
 
 
@@ -274,12 +278,12 @@ def label_index(labels: pl.DataFrame, split: str, frame_step: int = 1) -> LabelI
     labels = labels.filter(pl.col("split") == split)
     order = labels["key"].arg_sort().to_numpy().astype(np.int64)
     try:
-        keys = fixed_width_bytes(labels["key"].gather(order))
+        keys = fixed_width_bytes(labels["key"], order)
     except ValueError as exc:
         raise ValueError(f"labels.parquet: key column: {exc}") from None
     if not (keys[:-1] <= keys[1:]).all():  # polars' order is bytewise; numpy's searchsorted needs its own
-        order = order[np.argsort(keys, kind="stable")]
-        keys = fixed_width_bytes(labels["key"].gather(order))
+        resort = np.argsort(keys, kind="stable")
+        order, keys = order[resort], keys[resort]
     if (keys[:-1] == keys[1:]).any():
         raise ValueError("labels.parquet: duplicate keys")
     expr = labels["expression"].cast(pl.Int64).fill_null(EXPR_UNANNOTATED).to_numpy()
@@ -565,8 +569,10 @@ class ShardStream(IterableDataset):
         kept = index.keep if self.train else np.ones(len(index), bool)
         if self.train and self.bootstrap:
             k = np.zeros(len(index), np.int64)
-            rows = index.key_rows[kept[index.key_rows]]  # kept rows, in key order
-            k[rows] = bootstrap_counts(index.keys[kept[index.key_rows]], self.seed)
+            at = np.flatnonzero(kept[index.key_rows])  # positions in the key array of the kept rows
+            for a in range(0, len(at), 1 << 16):  # a chunk's keys at a time (not a copy of them all)
+                part = at[a:a + (1 << 16)]
+                k[index.key_rows[part]] = bootstrap_counts(index.keys[part], self.seed)
         else:
             k = kept.astype(np.int64)
         per_code = np.bincount(index.shard_code, weights=k, minlength=len(index.shard_names))
