@@ -182,6 +182,21 @@ def test_label_index_rejects_duplicate_keys():
     assert len(data.label_index(pl.concat([labels, moved]), "validation")) == labels.height - train.height + 1
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+def test_fixed_width_bytes_keeps_each_string(chunk):
+    values = ["b", "ab", "é", "", "zzzz", "a", "日本/x"] * 5
+    s = pl.Series(values)
+    assert [v.decode("utf-8") for v in data.fixed_width_bytes(s, chunk=chunk)] == values
+    order = np.random.default_rng(chunk).permutation(len(values))
+    got = data.fixed_width_bytes(s, order, chunk=chunk)
+    assert got.dtype == np.dtype(f"S{max(len(v.encode()) for v in values)}")
+    assert [v.decode("utf-8") for v in got] == [values[i] for i in order]
+    with pytest.raises(ValueError, match="1 null values"):
+        data.fixed_width_bytes(pl.Series(["a", None]), chunk=chunk)
+    with pytest.raises(ValueError, match="NUL byte"):
+        data.fixed_width_bytes(pl.Series(["a", "b\0"]), chunk=chunk)
+
+
 def test_bootstrap_counts_equal_bootstrap_count():
     keys = [f"train/s/v{i % 50}/{i:06d}" for i in range(5000)] + ["é", "", "train/ß/x" * 9]
     for seed in (0, 7, 123456789):

@@ -235,6 +235,11 @@ def frame_step_mask(labels: pl.DataFrame, frame_step: int) -> np.ndarray:
     return keep
 
 
+#: Arrow's variable-size binary layouts: validity, offsets (this dtype), data
+_ARROW_OFFSETS = {pa.large_string(): np.dtype(np.int64), pa.large_binary(): np.dtype(np.int64),
+                  pa.string(): np.dtype(np.int32), pa.binary(): np.dtype(np.int32)}
+
+
 def fixed_width_bytes(strings: pl.Series, order: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:
     """A String Series (its elements in ``order`` when given) as a numpy fixed-width bytes array
     ``S<w>`` (w: the longest UTF-8 length), copied from the Arrow buffers of ``chunk`` elements at a
@@ -248,8 +253,11 @@ def fixed_width_bytes(strings: pl.Series, order: np.ndarray | None = None, chunk
     for start in range(0, n, chunk):
         part = strings.slice(start, chunk) if order is None else strings.gather(order[start:start + chunk])
         arr = part.to_arrow()
-        arr = (arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr).cast(pa.large_binary())
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8)
+        arr = arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+        if arr.type not in _ARROW_OFFSETS:  # e.g. string_view; a cast costs ~50 MB of kernels once
+            arr = arr.cast(pa.large_binary())
+        off = _ARROW_OFFSETS[arr.type]
+        offsets = np.frombuffer(arr.buffers()[1], dtype=off, count=len(arr) + 1, offset=arr.offset * off.itemsize)
         data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
         if (data == 0).any():
             raise ValueError("a value contains a NUL byte")
