@@ -351,10 +351,10 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def measure(cmd: list[str], log: Path, cwd: Path | None = None) -> Cost:
+def measure(cmd: list[str], log: Path, cwd: Path | None = None, src: Path | None = None) -> Cost:
     """Run ``cmd`` (``[python, "-m", module, ...]`` or ``[python, script, ...]``) to the end under
-    ``bench/_peak.py`` and measure it (see the module doc). Raises CalledProcessError with the log's
-    tail when it fails."""
+    ``bench/_peak.py`` and measure it (see the module doc), with ``src`` (default: this checkout's
+    src/) as its PYTHONPATH. Raises CalledProcessError with the log's tail when it fails."""
     import psutil
 
     assert cmd[0] == sys.executable, cmd
@@ -365,7 +365,7 @@ def measure(cmd: list[str], log: Path, cwd: Path | None = None) -> Cost:
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "_peak.py"), *cmd[1:]],
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=cwd,
-                                env={**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1",
+                                env={**os.environ, "PYTHONPATH": str(src or REPO / "src"), "OMP_NUM_THREADS": "1",
                                      "POLARS_MAX_THREADS": os.environ.get("POLARS_MAX_THREADS", "2"),
                                      "FERFLOW_PEAK_FILE": str(peak_file)})
         ps = psutil.Process(proc.pid)
@@ -445,8 +445,22 @@ def build(work: Path, fraction: float) -> dict:
             "longest_video_min": max(u.n_frames for u in units) / FPS / 60}
 
 
-def run_fraction(work: Path, fraction: float, log=print) -> dict:
-    """Build, run and measure every stage at ``fraction``; returns {stage: Cost} and the counts."""
+def stages_to_run(stages) -> set[str]:
+    """``stages`` (names of STAGES; None: all) with the stages they need: the index jobs always
+    (the faces of the image sources are made from their manifests), the shards for the loader, the
+    prediction files and the evaluation, the prediction files for the evaluation."""
+    want = set(STAGES if stages is None else stages)
+    if want & {"loader", "predict_write", "evaluate"}:
+        want.add("shards")
+    if "evaluate" in want:
+        want.add("predict_write")
+    return want | {s for s in STAGES if s.startswith("index_")}
+
+
+def run_fraction(work: Path, fraction: float, log=print, stages=None) -> dict:
+    """Build, run and measure the ``stages`` (default all; see :func:`stages_to_run`) at
+    ``fraction``; returns {stage: Cost} of the stages run and the counts."""
+    run = stages_to_run(stages)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     plan = build(work, fraction)
@@ -478,6 +492,10 @@ def run_fraction(work: Path, fraction: float, log=print) -> dict:
     faces_disk = disk_mib(faces)
     log(f"  faces: {len(tables)} tables and tars, {faces_disk:.0f} MiB ({time.perf_counter() - t0:.0f} s, not measured)")
     shards, acc = res / "shards", res / "accounting.parquet"
+    result = {"fraction": fraction, "frames": plan["frames"], "videos": plan["videos"],
+              "affwild2_lines": plan["affwild2_lines"], "faces_mib": faces_disk, "costs": costs}
+    if "shards" not in run:
+        return result
     c = measure([py, "-m", "ferflow.shards", "--manifest", *map(str, manifests), "--faces", *map(str, tables),
                  "--issues", *map(str, issues), "--out", str(shards), "--accounting", str(acc),
                  "--samples-per-shard", str(SAMPLES_PER_SHARD), "--seed", "0",
@@ -485,9 +503,14 @@ def run_fraction(work: Path, fraction: float, log=print) -> dict:
     c.disk_mib = disk_mib(shards, acc)
     costs["shards"] = c
     log(f"  shards: {fmt_cost(c)}")
-    c = measure([py, str(Path(__file__).resolve()), "--plan-loader", str(shards)], logs / "loader.log")
-    costs["loader"] = c
-    log(f"  loader: {fmt_cost(c)}  {(logs / 'loader.log').read_text().strip().splitlines()[-1]}")
+    result["accounting_rows"] = pl.scan_parquet(acc).select(pl.len()).collect().item()
+    result["written"] = pl.scan_parquet(shards / "labels.parquet").select(pl.len()).collect().item()
+    if "loader" in run:
+        c = measure([py, str(Path(__file__).resolve()), "--plan-loader", str(shards)], logs / "loader.log")
+        costs["loader"] = c
+        log(f"  loader: {fmt_cost(c)}  {(logs / 'loader.log').read_text().strip().splitlines()[-1]}")
+    if "predict_write" not in run:
+        return result
     preds = []
     worst = None
     for k in range(VARIANTS):
@@ -501,6 +524,9 @@ def run_fraction(work: Path, fraction: float, log=print) -> dict:
         preds.append(out)
     costs["predict_write"] = worst  # one job (the largest of the 6)
     log(f"  predict_write (one job of {VARIANTS}, the largest of each): {fmt_cost(worst)}")
+    result["predictions_rows"] = sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in preds) / VARIANTS
+    if "evaluate" not in run:
+        return result
     ev = res / "evaluation"
     c = measure([py, "-m", "ferflow.evaluate", "--predictions", *[f"v{k}={p}" for k, p in enumerate(preds)],
                  "--weights", *[f"v{k}=1.0" for k in range(VARIANTS)], "--accounting", str(acc),
@@ -508,12 +534,7 @@ def run_fraction(work: Path, fraction: float, log=print) -> dict:
     c.disk_mib = disk_mib(ev)
     costs["evaluate"] = c
     log(f"  evaluate: {fmt_cost(c)}")
-    n_acc = pl.scan_parquet(acc).select(pl.len()).collect().item()
-    n_written = pl.scan_parquet(shards / "labels.parquet").select(pl.len()).collect().item()
-    return {"fraction": fraction, "frames": plan["frames"], "videos": plan["videos"],
-            "affwild2_lines": plan["affwild2_lines"], "accounting_rows": n_acc, "written": n_written,
-            "faces_mib": faces_disk, "costs": costs,
-            "predictions_rows": sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in preds) / VARIANTS}
+    return result
 
 
 def fmt_cost(c: Cost) -> str:
@@ -682,8 +703,10 @@ def report(runs: list[dict], log=print) -> None:
     for r in runs:
         c = r["costs"]
         log(f"  {r['fraction'] * 100:g}%: faces {r['faces_mib'] * 2**20 / r['frames']:.0f}  shards "
-            f"{c['shards'].disk_mib * 2**20 / max(1, r['written']):.0f}  predictions "
-            f"{c['predict_write'].disk_mib * 2**20 / max(1, r['predictions_rows']):.1f}")
+            + (f"{c['shards'].disk_mib * 2**20 / max(1, r['written']):.0f}" if "shards" in c else "-")
+            + "  predictions "
+            + (f"{c['predict_write'].disk_mib * 2**20 / max(1, r['predictions_rows']):.1f}"
+               if "predict_write" in c else "-"))
 
 
 def main(argv=None) -> int:
@@ -700,6 +723,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extract-detector-frames", type=int, default=1000, help="its frames (default 1000)")
     ap.add_argument("--evaluate-frames", type=int, nargs="*", default=[],
                     help="also measure the evaluation alone at these numbers of scored frames (e.g. 3000000)")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=None,
+                    help="measure only these stages and the ones they need (default all; the inputs, "
+                         "the index jobs and the faces are always made)")
     ap.add_argument("--json", help="write the measurements to this JSON file")
     ap.add_argument("--plan-loader", metavar="SHARDS", help=argparse.SUPPRESS)
     ap.add_argument("--extract-retinaface-child", nargs=6, help=argparse.SUPPRESS)
@@ -726,7 +752,7 @@ def main(argv=None) -> int:
         print(f"fraction {f:g} ({f * 100:g}% of ABAW3):", flush=True)
         work = base / f"f{f:g}"
         try:
-            runs.append(run_fraction(work, f, log=lambda s: print(s, flush=True)))
+            runs.append(run_fraction(work, f, log=lambda s: print(s, flush=True), stages=args.stages))
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)

@@ -117,6 +117,113 @@ def test_bootstrap_count_is_poisson_and_deterministic():
     assert not np.array_equal(counts, other)
 
 
+def _index_labels(n: int = 3000, seed: int = 5) -> pl.DataFrame:
+    """LABELS-like rows of two splits: keys of different lengths (shared prefixes, non-ASCII, one
+    key a prefix of another), in no particular order."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        split = "validation" if i % 4 == 3 else "train"
+        source = ("affwild2", "affectnet", "ß")[i % 3]
+        video = f"v{int(rng.integers(0, 40))}" + ("_left" if i % 7 == 0 else "é" * int(rng.integers(0, 3)))
+        key = f"{split}/{source}/{video}/{i:06d}" + ("x" * int(rng.integers(0, 30)) if i % 5 == 0 else "")
+        rows.append({"key": key, "split": split, "source": source, "video": video, "frame": i,
+                     "expression": None if i % 9 == 0 else i % 8, "valence": 0.001 * i, "arousal": -0.001 * i,
+                     "shard": f"{split}/shard-{int(rng.integers(0, 25)):06d}.tar"})
+    rows.append({**rows[0], "key": rows[0]["key"][:-2], "frame": n})  # a prefix of another key
+    rows = [rows[j] for j in rng.permutation(len(rows))]
+    return pl.DataFrame(rows, schema_overrides={"expression": pl.Int8, "valence": pl.Float32, "arousal": pl.Float32})
+
+
+def test_label_index_finds_every_key_and_decodes_its_codes():
+    labels = _index_labels()
+    train = labels.filter(pl.col("split") == "train")
+    index = data.label_index(labels, "train")
+    truth = {k: i for i, k in enumerate(train["key"].to_list())}  # the old index: a dict
+    assert len(index) == train.height == len(truth)
+    for key, row in truth.items():
+        assert index.lookup(key, "train/shard-000000.tar") == row
+    keys = train["key"].to_list()[::-1]
+    assert index.rows_of(keys).tolist() == [truth[k] for k in keys]
+    assert index.frame.tolist() == train["frame"].to_list()
+    assert index.expr.tolist() == [-1 if e is None else e for e in train["expression"].to_list()]
+    for name in ("source", "video", "shard"):
+        codes = getattr(index, f"{name}_code")
+        assert codes.dtype == np.int32
+        assert len(getattr(index, f"{name}_names")) == train[name].n_unique()
+        decode = getattr(index, f"{name}_of")
+        assert [decode(r) for r in range(train.height)] == train[name].to_list()
+
+
+def test_label_index_unknown_key_names_shard_and_key():
+    labels = _index_labels()
+    index = data.label_index(labels, "train")
+    train_keys = labels.filter(pl.col("split") == "train")["key"].to_list()
+    other_split = labels.filter(pl.col("split") == "validation")["key"][0]
+    longest = max(train_keys, key=len)
+    for key in (other_split, longest + "0", longest[:-1] + "\0", longest + "\0", "", "~after/all",
+                "!before/all", train_keys[0] + "\0"):
+        assert key not in train_keys
+        with pytest.raises(KeyError) as err:
+            index.lookup(key, "train/shard-000003.tar")
+        assert err.value.args[0] == f"train/shard-000003.tar: sample {key!r} has no row in labels.parquet"
+    with pytest.raises(KeyError, match="labels.parquet"):
+        index.rows_of([train_keys[0], other_split])
+
+
+def test_label_index_rejects_duplicate_keys():
+    labels = _index_labels(200)
+    train = labels.filter(pl.col("split") == "train")
+    doubled = pl.concat([labels, train.slice(5, 1).with_columns(pl.lit(99999, pl.Int64).alias("frame"))])
+    with pytest.raises(ValueError, match="^labels.parquet: duplicate keys$"):
+        data.label_index(doubled, "train")
+    # the same key in two splits is no duplicate within a split
+    moved = train.slice(5, 1).with_columns(pl.lit("validation").alias("split"))
+    assert len(data.label_index(pl.concat([labels, moved]), "validation")) == labels.height - train.height + 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+def test_fixed_width_bytes_keeps_each_string(chunk):
+    values = ["b", "ab", "é", "", "zzzz", "a", "日本/x"] * 5
+    s = pl.Series(values)
+    assert [v.decode("utf-8") for v in data.fixed_width_bytes(s, chunk=chunk)] == values
+    order = np.random.default_rng(chunk).permutation(len(values))
+    got = data.fixed_width_bytes(s, order, chunk=chunk)
+    assert got.dtype == np.dtype(f"S{max(len(v.encode()) for v in values)}")
+    assert [v.decode("utf-8") for v in got] == [values[i] for i in order]
+    with pytest.raises(ValueError, match="1 null values"):
+        data.fixed_width_bytes(pl.Series(["a", None]), chunk=chunk)
+    with pytest.raises(ValueError, match="NUL byte"):
+        data.fixed_width_bytes(pl.Series(["a", "b\0"]), chunk=chunk)
+
+
+def test_bootstrap_counts_equal_bootstrap_count():
+    keys = [f"train/s/v{i % 50}/{i:06d}" for i in range(5000)] + ["é", "", "train/ß/x" * 9]
+    for seed in (0, 7, 123456789):
+        expected = [data.bootstrap_count(k, seed) for k in keys]
+        assert data.bootstrap_counts(keys, seed).tolist() == expected
+        assert data.bootstrap_counts([k.encode() for k in keys], seed).tolist() == expected
+
+
+@pytest.mark.parametrize("bootstrap", [False, True])
+def test_samples_per_worker_counts_kept_rows_and_repeats_per_shard(shards, bootstrap):
+    labels = data.read_labels(shards).filter(pl.col("split") == "train")
+    _, stream = data.make_loader(shards, "train", batch_size=8, input_size=32, train=True, seed=11,
+                                 bootstrap=bootstrap, frame_step=2)
+    stream.workers = 3  # sizes only: which shards each logical worker reads (no DataLoader started)
+    # kept: every second frame of each video in frame order (first included), counted independently
+    rank = {}
+    for video, frames in labels.group_by("video").agg(pl.col("frame").sort()).iter_rows():
+        rank.update({(video, f): i for i, f in enumerate(frames)})
+    per_shard = Counter()
+    for key, video, frame, shard in labels.select("key", "video", "frame", "shard").iter_rows():
+        if rank[(video, frame)] % 2 == 0:
+            per_shard[shard] += data.bootstrap_count(key, 11) if bootstrap else 1
+    expected = [sum(per_shard[f"{p.parent.name}/{p.name}"] for p in stream.worker_shards(w)) for w in range(3)]
+    assert stream.samples_per_worker() == expected
+    assert sum(expected) < labels.height * (2 if bootstrap else 1)  # frame_step 2 dropped some
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_eval_loader_reads_every_sample_with_labels(shards, workers):

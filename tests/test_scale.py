@@ -109,3 +109,13 @@ def test_bench_at_one_percent_writes_complete_outputs_that_add_up(tmp_path):
     run, = json.loads((tmp_path / "scale.json").read_text())["runs"]
     assert set(run["costs"]) == set(scale.STAGES)
     assert all(c["cpu_s"] > 0 and c["peak_mib"] > 0 for c in run["costs"].values())
+
+
+def test_stages_flag_runs_a_stage_with_what_it_needs():
+    index = {"index_affwild2", "index_affectnet", "index_expw"}
+    assert scale.stages_to_run(None) == set(scale.STAGES)
+    assert scale.stages_to_run(["loader"]) == index | {"shards", "loader"}
+    assert scale.stages_to_run(["evaluate"]) == index | {"shards", "predict_write", "evaluate"}
+    assert scale.stages_to_run(["index_expw"]) == index
+    with pytest.raises(SystemExit):  # argparse: not a stage
+        scale.main(["--stages", "decode"])

@@ -44,6 +44,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -116,6 +117,36 @@ def bootstrap_count(key: str, seed: int) -> int:
     return k
 
 
+def _poisson1_cdf() -> np.ndarray:
+    """Poisson(1)'s CDF at k = 0..29, summed in :func:`bootstrap_count`'s order (bit for bit)."""
+    cdf, p, out = 0.0, math.exp(-1.0), []
+    for k in range(30):
+        if k:
+            p /= k
+        cdf += p
+        out.append(cdf)
+    return np.array(out, dtype=np.float64)
+
+
+_POISSON1_CDF = _poisson1_cdf()
+
+
+def bootstrap_counts(keys: Iterable[bytes | str], seed: int) -> np.ndarray:
+    """:func:`bootstrap_count` of many keys at once: (n,) int64, element for element equal to it.
+
+    Still one blake2b call per key (that is what makes a count a function of key and seed alone),
+    but no Python loop over the inverse CDF: k is the number of the CDF's running sums (the same
+    floats as bootstrap_count's) at or below u, at most 30. ``keys``: str or their UTF-8 bytes
+    (e.g. a :class:`LabelIndex`'s key array).
+    """
+    prefix = f"bootstrap\x1f{seed}\x1f".encode("utf-8")
+    blake2b = hashlib.blake2b
+    digests = b"".join(
+        blake2b(prefix + (k if isinstance(k, bytes) else k.encode("utf-8")), digest_size=8).digest() for k in keys)
+    u = (np.frombuffer(digests, dtype="<u8") >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return np.searchsorted(_POISSON1_CDF, u, side="right").astype(np.int64)
+
+
 def _seed_for(*parts: object) -> int:
     return _hash64(*parts) & ((1 << 63) - 1)
 
@@ -126,25 +157,59 @@ def _seed_for(*parts: object) -> int:
 
 @dataclass
 class LabelIndex:
-    """Labels of one split, looked up by sample key. Built once in the main process."""
+    """Labels of one split, looked up by sample key. Built once in the main process.
 
-    rows: dict[str, int]
+    No Python object per row: the loader's workers are forked and look a row up per sample, and
+    touching a Python object (its reference count) in a forked worker copies the memory page it
+    lies on, so a dict of keys or lists of strings per row would become a private copy of the whole
+    index in every worker (pytorch/pytorch#13246, "DataLoader num_workers > 0 causes CPU memory from
+    parent process to be replicated in all worker processes"; ``bench/label_index.py`` measures it
+    here). Here every per-row column is one numpy array: the keys a sorted fixed-width
+    bytes array searched with ``np.searchsorted``; source, video and shard int32 codes into
+    sorted fixed-width bytes arrays of their distinct names (AffectNet and ExpW have a "video"
+    per image: hundreds of thousands of names). Nothing here calls polars, whose thread pool a
+    forked worker must not use. Rows are in labels.parquet's order (of the split).
+    """
+
+    keys: np.ndarray  # (n,) bytes "S<w>": the UTF-8 keys, sorted
+    key_rows: np.ndarray  # (n,) int64: the row of keys[i]
     expr: np.ndarray  # (n,) int64, -1 = no expression label
     va: np.ndarray  # (n, 2) float32, NaN = no label
     keep: np.ndarray  # (n,) bool: kept by frame_step
-    source: list[str]
-    video: list[str]
+    source_code: np.ndarray  # (n,) int32 into source_names
+    video_code: np.ndarray  # (n,) int32 into video_names
     frame: np.ndarray  # (n,) int64
-    shard: list[str]
+    shard_code: np.ndarray  # (n,) int32 into shard_names
+    source_names: np.ndarray  # (sources,) bytes "S<w>": sorted distinct sources, UTF-8
+    video_names: np.ndarray  # (videos,) bytes "S<w>": sorted distinct videos, UTF-8
+    shard_names: np.ndarray  # (shards,) bytes "S<w>": sorted distinct shards ("<split>/shard-NNNNNN.tar")
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.key_rows)
 
     def lookup(self, key: str, shard: str) -> int:
-        try:
-            return self.rows[key]
-        except KeyError:
-            raise KeyError(f"{shard}: sample {key!r} has no row in labels.parquet") from None
+        """The row of ``key``; KeyError naming ``shard`` (where the sample was read) when the key
+        is not in the split's labels."""
+        kb = key.encode("utf-8")
+        i = int(self.keys.searchsorted(kb))
+        if i < len(self.keys) and self.keys[i] == kb:  # keys[i]: trailing NULs dropped, so b"k\0" != b"k"
+            return int(self.key_rows[i])
+        raise KeyError(f"{shard}: sample {key!r} has no row in labels.parquet")
+
+    def rows_of(self, keys: Sequence[str], where: str = "labels.parquet") -> np.ndarray:
+        """Rows of ``keys``: (len(keys),) int64; KeyError (as :meth:`lookup`, naming ``where``)
+        for the first key that has no row."""
+        return np.fromiter((self.lookup(k, where) for k in keys), dtype=np.int64, count=len(keys))
+
+    def source_of(self, row: int) -> str:
+        return self.source_names[self.source_code[row]].decode("utf-8")
+
+    def video_of(self, row: int) -> str:
+        return self.video_names[self.video_code[row]].decode("utf-8")
+
+    def shard_of(self, row: int) -> str:
+        """The shard (``<split>/shard-NNNNNN.tar``, as in labels.parquet) that holds ``row``."""
+        return self.shard_names[self.shard_code[row]].decode("utf-8")
 
 
 def read_labels(shard_dir: str | Path) -> pl.DataFrame:
@@ -170,11 +235,64 @@ def frame_step_mask(labels: pl.DataFrame, frame_step: int) -> np.ndarray:
     return keep
 
 
+#: Arrow's variable-size binary layouts: validity, offsets (this dtype), data
+_ARROW_OFFSETS = {pa.large_string(): np.dtype(np.int64), pa.large_binary(): np.dtype(np.int64),
+                  pa.string(): np.dtype(np.int32), pa.binary(): np.dtype(np.int32)}
+
+
+def fixed_width_bytes(strings: pl.Series, order: np.ndarray | None = None, chunk: int = 1 << 16) -> np.ndarray:
+    """A String Series (its elements in ``order`` when given) as a numpy fixed-width bytes array
+    ``S<w>`` (w: the longest UTF-8 length), copied from the Arrow buffers of ``chunk`` elements at a
+    time: no Python object per element, and little memory besides the result. Raises ValueError
+    when an element is null or contains a NUL byte ('S' arrays drop trailing NULs)."""
+    if strings.null_count():
+        raise ValueError(f"{strings.null_count()} null values")
+    n = len(strings) if order is None else len(order)
+    width = max(1, int(strings.str.len_bytes().max() or 0))
+    out = np.zeros((n, width), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        part = strings.slice(start, chunk) if order is None else strings.gather(order[start:start + chunk])
+        arr = part.to_arrow()
+        arr = arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+        if arr.type not in _ARROW_OFFSETS:  # e.g. string_view; a cast costs ~50 MB of kernels once
+            arr = arr.cast(pa.large_binary())
+        off = _ARROW_OFFSETS[arr.type]
+        offsets = np.frombuffer(arr.buffers()[1], dtype=off, count=len(arr) + 1, offset=arr.offset * off.itemsize)
+        data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+        if (data == 0).any():
+            raise ValueError("a value contains a NUL byte")
+        lengths = np.diff(offsets)
+        # row-major: the masked bytes of the rows are the values one after the other
+        out[start:start + len(arr)][np.arange(width) < lengths[:, None]] = data
+    return out.view(f"S{width}").reshape(n)
+
+
+def _codes(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 codes, sorted distinct values as :func:`fixed_width_bytes`) of a String Series:
+    ``values[i] == names[codes[i]].decode()``. Raises ValueError naming the column when a value is
+    null or holds a NUL byte."""
+    names = values.unique().sort()
+    try:
+        fixed = fixed_width_bytes(names)
+    except ValueError as exc:
+        raise ValueError(f"labels.parquet: {values.name} column: {exc}") from None
+    return values.cast(pl.Enum(names)).to_physical().to_numpy().astype(np.int32), fixed
+
+
 def label_index(labels: pl.DataFrame, split: str, frame_step: int = 1) -> LabelIndex:
+    """The :class:`LabelIndex` of ``split``'s rows of ``labels`` (LABELS columns), with
+    :func:`frame_step_mask`'s ``keep``. Raises ValueError "labels.parquet: duplicate keys" when a
+    key is in the split twice, or naming the problem when a key is null or holds a NUL byte."""
     labels = labels.filter(pl.col("split") == split)
-    keys = labels["key"].to_list()
-    rows = {k: i for i, k in enumerate(keys)}
-    if len(rows) != len(keys):
+    order = labels["key"].arg_sort().to_numpy().astype(np.int64)
+    try:
+        keys = fixed_width_bytes(labels["key"], order)
+    except ValueError as exc:
+        raise ValueError(f"labels.parquet: key column: {exc}") from None
+    if not (keys[:-1] <= keys[1:]).all():  # polars' order is bytewise; numpy's searchsorted needs its own
+        resort = np.argsort(keys, kind="stable")
+        order, keys = order[resort], keys[resort]
+    if (keys[:-1] == keys[1:]).any():
         raise ValueError("labels.parquet: duplicate keys")
     expr = labels["expression"].cast(pl.Int64).fill_null(EXPR_UNANNOTATED).to_numpy()
     va = np.stack(
@@ -184,15 +302,22 @@ def label_index(labels: pl.DataFrame, split: str, frame_step: int = 1) -> LabelI
         ],
         axis=1,
     ).astype(np.float32)
+    source_code, source_names = _codes(labels["source"])
+    video_code, video_names = _codes(labels["video"])
+    shard_code, shard_names = _codes(labels["shard"])
     return LabelIndex(
-        rows=rows,
+        keys=keys,
+        key_rows=order,
         expr=np.ascontiguousarray(expr, dtype=np.int64),
         va=np.ascontiguousarray(va.reshape(-1, 2)),
         keep=frame_step_mask(labels, frame_step),
-        source=labels["source"].to_list(),
-        video=labels["video"].to_list(),
+        source_code=source_code,
+        video_code=video_code,
         frame=labels["frame"].to_numpy().astype(np.int64),
-        shard=labels["shard"].to_list(),
+        shard_code=shard_code,
+        source_names=source_names,
+        video_names=video_names,
+        shard_names=shard_names,
     )
 
 
@@ -335,7 +460,7 @@ class ShardStream(IterableDataset):
             try:
                 self._transform(s["jpg"], rng, buf[i])
             except ValueError as exc:
-                raise ValueError(f"{self.index.shard[s['row']]}: sample {s['key']!r}: {exc}") from None
+                raise ValueError(f"{self.index.shard_of(s['row'])}: sample {s['key']!r}: {exc}") from None
         rows = np.array([s["row"] for s in samples], dtype=np.int64)
         part = {"part": (a, b)} if self.world > 1 else {}
         if slot is not None:  # numpy, not tensors: a tensor sent by a worker costs a shared-memory segment
@@ -446,15 +571,23 @@ class ShardStream(IterableDataset):
     # --- sizes, from labels.parquet (no shard is opened)
 
     def samples_per_worker(self) -> list[int]:
-        per_shard: dict[str, int] = {}
-        for row, key in enumerate(self.index.rows):
-            if self.train and not self.index.keep[row]:
-                continue
-            per_shard[self.index.shard[row]] = per_shard.get(self.index.shard[row], 0) + self.repeats(key)
-        counts = []
-        for w in range(self.n_logical):
-            counts.append(sum(per_shard.get(_relative_shard(p), 0) for p in self.worker_shards(w)))
-        return counts
+        """Samples each logical worker yields this epoch (kept rows times their bootstrap counts,
+        summed over the worker's shards), from the label index alone."""
+        index = self.index
+        kept = index.keep if self.train else np.ones(len(index), bool)
+        if self.train and self.bootstrap:
+            k = np.zeros(len(index), np.int64)
+            at = np.flatnonzero(kept[index.key_rows])  # positions in the key array of the kept rows
+            for a in range(0, len(at), 1 << 16):  # a chunk's keys at a time (not a copy of them all)
+                part = at[a:a + (1 << 16)]
+                k[index.key_rows[part]] = bootstrap_counts(index.keys[part], self.seed)
+        else:
+            k = kept.astype(np.int64)
+        per_code = np.bincount(index.shard_code, weights=k, minlength=len(index.shard_names))
+        names = [n.decode("utf-8") for n in index.shard_names]
+        per_shard = dict(zip(names, per_code.round().astype(np.int64).tolist()))
+        return [sum(per_shard.get(_relative_shard(p), 0) for p in self.worker_shards(w))
+                for w in range(self.n_logical)]
 
     def batches_per_worker(self) -> list[int]:
         return [math.ceil(n / self.batch_size) for n in self.samples_per_worker()]

@@ -850,7 +850,7 @@ def evaluate(model, shards, split: str, index: data.LabelIndex, settings: dict, 
         train=False, workers=int(settings["workers"]), index=index, pin_memory=device.type == "cuda", borrow=True,
     )
     keys, probs, va = infer(model, loader, device)
-    rows = np.array([index.rows[k] for k in keys], dtype=np.int64)
+    rows = index.rows_of(keys)
     return score(probs, va, index.expr[rows], index.va[rows], settings["task"])
 
 
