@@ -80,7 +80,7 @@ def video(tmp_path):
 def run(video, tmp_path, persons, **kw):
     det = FakeDetector()
     table = extract.extract_video(video, persons, ExtractSettings(detector="haar", detect_batch=8, **kw), det,
-                                  str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+                                  str(tmp_path / "u.tar"), str(tmp_path / "u.parquet")).table()
     return table, det
 
 
@@ -159,7 +159,8 @@ def test_image_chunk_crops_given_boxes_and_counts_bad_ones(tmp_path):
         "box_x1": [r[1][2] for r in rows], "box_y1": [r[1][3] for r in rows], "drop": None,
         "expr_status": "usable", "va_status": None,
     }, schema=MANIFEST)
-    table = extract.extract_images(manifest, "chunk000", ExtractSettings(), str(tmp_path / "c.tar"), str(tmp_path / "c.parquet"))
+    table = extract.extract_images(manifest, "chunk000", ExtractSettings(), str(tmp_path / "c.tar"),
+                                   str(tmp_path / "c.parquet")).table()
     assert table.sort("frame")["status"].to_list() == ["provided", "provided", "unreadable", "bad_box", "bad_box"]
     with tarfile.open(tmp_path / "c.tar") as tar:
         assert tar.getnames() == ["chunk000/000000.jpg", "chunk000/000001.jpg"]
@@ -364,7 +365,7 @@ def extract_haar(path, tmp_path, haar, persons, **kw):
     settings = ExtractSettings(detector="haar", **kw)
     tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
     return extract.extract_video(str(path), persons, settings, haar, str(tmp_path / f"{tag}.tar"),
-                                 str(tmp_path / f"{tag}.parquet")).sort("video", "frame")
+                                 str(tmp_path / f"{tag}.parquet")).table().sort("video", "frame")
 
 
 def boxes_of(table, video):
@@ -526,7 +527,7 @@ def test_undecodable_frame_is_its_own_row_and_later_frames_keep_theirs(tmp_path,
     path = broken_video(tmp_path)
     det = EveryFrameFace()
     table = extract.extract_video(str(path), {"broken": ""}, ExtractSettings(detector="haar", detect_every=5),
-                                  det, str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+                                  det, str(tmp_path / "u.tar"), str(tmp_path / "u.parquet")).table()
     assert 10 not in det.calls
     t = table.sort("frame")
     assert t["frame"].to_list() == list(range(20)) and set(t["n_frames"]) == {20}
@@ -545,7 +546,7 @@ def test_long_run_of_undecodable_frames_gives_up_loudly(tmp_path, monkeypatch, c
     assert [i for i, _ in extract.read_frames(str(path), decoding=decoding)] == list(range(8))
     assert (decoding.failed, decoding.gave_up, decoding.n_frames) == ([8, 9, 10, 11], 12, 20)
     table = extract.extract_video(str(path), {"broken": ""}, ExtractSettings(detector="haar", detect_every=1),
-                                  EveryFrameFace(), str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+                                  EveryFrameFace(), str(tmp_path / "u.tar"), str(tmp_path / "u.parquet")).table()
     status = dict(zip(table["frame"], table["status"]))
     assert sorted(status) == list(range(20))
     assert [f for f, s in sorted(status.items()) if s == "undecodable"] == list(range(8, 20))
