@@ -48,7 +48,6 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 from .inputcheck import fail, json_option, prog_of, require_inputs
@@ -630,7 +629,13 @@ class FacesWriter:
 def faces_writer(out_table: str) -> Iterator[FacesWriter]:
     """A :class:`FacesWriter` into the atomic temporary path of ``out_table`` (zstd, as
     :func:`ferflow.schemas.write_table` writes), renamed over it when the block ends without an
-    exception; no row added: a valid table with no rows."""
+    exception; no row added: a valid table with no rows.
+
+    pyarrow's ParquetWriter, since polars writes a parquet file from one whole DataFrame only;
+    imported here, not by the module (about 30 MB of memory that only the writing job needs).
+    """
+    import pyarrow.parquet as pq
+
     schema = pl.DataFrame(schema=FACES_FULL).to_arrow().schema
     with atomic_path(out_table) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         faces = FacesWriter(writer, str(out_table))
