@@ -18,7 +18,9 @@ only decoded to count its frames. Images (``images`` mode): the given boxes are 
 Output: ``<unit>.tar`` with JPEGs named ``<video>/<frame:06d>.jpg`` and ``<unit>.parquet``
 (schema ``FACES_FULL``: ``FACES`` + landmarks, crop kind and the detector settings as JSON) with
 one row per person and decoded frame, including frames without a face (status ``missing``):
-nothing is silently dropped.
+nothing is silently dropped. The table is written in row groups while the frames are read
+(:func:`faces_writer`) and a video's boxes are kept per detected frame (:class:`BoxPlan`), so a
+job's memory does not grow with the length of its video (docs/running.md, "Sizing").
 
     python -m ferflow.extract video --video V.mp4 --person V_left=left --person V_right=right \\
         --settings '{"detector": "haar"}' --out-tar results/faces/S/V.tar --out-table results/faces/S/V.parquet
@@ -559,17 +561,12 @@ def report_decoding(video: str, decoding: Decoding, log=None) -> None:
 
 
 #: Rows of a FACES table held in memory before they are written out as one parquet row group
-#: (:class:`FacesWriter`): a few MB of Python objects, whatever the length of the video.
-ROW_GROUP_ROWS = 4096
-
-
-def _rows() -> dict[str, list]:
-    return {c: [] for c in FACES_FULL}
-
-
-def _finite(v) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
+#: (:class:`FacesWriter`), whatever the length of the video. A row is about 600 bytes in polars and
+#: arrow (most of it the ``detector`` JSON), copied a few times on its way to the file: the peak of a
+#: 15,000-frame Haar extraction was 4 MiB higher with 2,048 rows and 8 MiB with 4,096 than with
+#: 1,024 (one run each). Smaller groups make the table larger on disk (13 bytes per row instead of
+#: 7 at 4,096), which is nothing next to a crop (kilobytes).
+ROW_GROUP_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -587,42 +584,54 @@ class Extracted:
         return read_table(self.path, FACES_FULL)
 
 
+_BOX_COLUMNS = ["x0", "y0", "x1", "y1", "score", *LANDMARK_COLUMNS]  # a detection row's values, in order
+_OTHER_COLUMNS = [c for c in FACES_FULL if c not in _BOX_COLUMNS]
+
+
 class FacesWriter:
     """Writes a FACES_FULL table row by row, in parquet row groups of :data:`ROW_GROUP_ROWS` rows,
-    so that the rows are never all in memory. Use :func:`faces_writer`."""
+    so that the rows are never all in memory. Use :func:`faces_writer`.
+
+    The boxes and landmarks of the rows held are kept in one float32 array (not a Python float per
+    value); NaN and infinite values are written as null, as are the columns a row does not have.
+    """
 
     def __init__(self, writer, where: str):
         self._writer, self._where = writer, where
-        self._rows = _rows()
+        self._held = {c: [] for c in _OTHER_COLUMNS}
+        self._boxes = np.full((ROW_GROUP_ROWS, len(_BOX_COLUMNS)), np.nan, np.float32)
         self.rows = 0
         self.counts: dict[str, int] = {}
 
     def add(self, *, video, frame, status, box, member, n_frames, crop, detector) -> None:
-        """One row; ``box`` is a detection row (box, score, landmarks; fewer columns or NaN: null)
-        or None."""
-        rows = self._rows
-        rows["video"].append(video)
-        rows["frame"].append(frame)
-        rows["status"].append(status)
-        for j, c in enumerate(("x0", "y0", "x1", "y1", "score")):
-            rows[c].append(None if box is None else _finite(box[j]))
-        for j, c in enumerate(LANDMARK_COLUMNS, start=5):
-            rows[c].append(None if box is None or len(box) <= j else _finite(box[j]))
-        rows["member"].append(member)
-        rows["n_frames"].append(n_frames)
-        rows["crop"].append(crop)
-        rows["detector"].append(detector)
+        """One row; ``box`` is a detection row (box, score, landmarks; fewer columns: null) or None."""
+        held = self._held
+        k = len(held["frame"])
+        self._boxes[k] = np.nan
+        if box is not None:
+            w = min(len(box), self._boxes.shape[1])
+            self._boxes[k, :w] = box[:w]
+        for c, v in (("video", video), ("frame", frame), ("status", status), ("member", member),
+                     ("n_frames", n_frames), ("crop", crop), ("detector", detector)):
+            held[c].append(v)
         self.rows += 1
         self.counts[status] = self.counts.get(status, 0) + 1
-        if len(rows["frame"]) >= ROW_GROUP_ROWS:
+        if k + 1 == len(self._boxes):
             self.flush()
 
     def flush(self) -> None:
         """Write the rows held as one row group (checked against FACES_FULL, as write_table does)."""
-        if self._rows["frame"]:
-            table = conform(pl.DataFrame(self._rows, schema=FACES_FULL), FACES_FULL, self._where)
-            self._writer.write_table(table.to_arrow())
-            self._rows = _rows()
+        k = len(self._held["frame"])
+        if not k:
+            return
+        boxes = self._boxes[:k]
+        boxes = np.where(np.isfinite(boxes), boxes, np.nan)
+        columns = {**{c: pl.Series(c, v, dtype=FACES_FULL[c]) for c, v in self._held.items()},
+                   **{c: pl.Series(c, boxes[:, j], dtype=pl.Float32, nan_to_null=True)
+                      for j, c in enumerate(_BOX_COLUMNS)}}
+        table = conform(pl.DataFrame(columns).select(list(FACES_FULL)), FACES_FULL, self._where)
+        self._writer.write_table(table.to_arrow())
+        self._held = {c: [] for c in _OTHER_COLUMNS}
 
 
 @contextlib.contextmanager
