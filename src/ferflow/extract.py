@@ -315,15 +315,15 @@ class BoxPlan:
     """One person's (or track's) box on every frame, kept per detected frame only.
 
     ``frames``: int64 (M,), the detected frames where it has a box, ascending; ``rows``: their
-    detection rows (M arrays as the detector gave them, see :mod:`ferflow.detect`; the same objects,
-    not copies); ``interpolated``: bool (M,), True where the frames strictly between ``frames[j]``
-    and ``frames[j + 1]`` get boxes interpolated between the two rows
+    detection rows (:mod:`ferflow.detect`) stacked, (M, 15) in the detector's dtype (a list of M
+    arrays when their lengths or dtypes differ); ``interpolated``: bool (M,), True where the frames
+    strictly between ``frames[j]`` and ``frames[j + 1]`` get boxes interpolated between the two rows
     (:func:`ferflow.faces.interpolate_boxes`). A frame's box is computed when asked for
     (:meth:`at`), so the plan of a video holds nothing per frame, only per detection.
     """
 
     frames: np.ndarray
-    rows: list[np.ndarray]
+    rows: np.ndarray | list[np.ndarray]
     interpolated: np.ndarray
 
     def at(self, i: int) -> tuple[str, np.ndarray | None]:
@@ -378,8 +378,10 @@ def plan_boxes(detected: list[int], chosen: dict[int, tuple[np.ndarray, int]], m
             interpolated[bisect.bisect_left(have, a)] = True  # a and b are consecutive in `have` too
         else:
             redetect.update(range(a + 1, b))
-    plan = BoxPlan(np.array(have, np.int64), [chosen[f][0] for f in have], interpolated)
-    return plan, redetect
+    rows = [chosen[f][0] for f in have]
+    if len({(r.shape, r.dtype) for r in rows}) == 1:
+        rows = np.stack(rows)  # one array, not one per detection (values and dtype unchanged)
+    return BoxPlan(np.array(have, np.int64), rows, interpolated), redetect
 
 
 def link_gap(every: int) -> int:
