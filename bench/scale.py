@@ -743,9 +743,10 @@ def main(argv=None) -> int:
             if not args.keep:
                 shutil.rmtree(base / "extract", ignore_errors=True)
         (a, ca), (b, cb) = list(extracted.items())[0], list(extracted.items())[-1]
-        print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
-              f"({cb.peak_mib - ca.peak_mib:+.0f} MiB, {(cb.peak_mib - ca.peak_mib) * 2**20 / (b - a):+.0f} bytes per "
-              f"added frame); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
+        if b != a:
+            print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
+                  f"({cb.peak_mib - ca.peak_mib:+.0f} MiB, {(cb.peak_mib - ca.peak_mib) * 2**20 / (b - a):+.0f} bytes "
+                  f"per added frame); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
     if args.extract_detectors:
         print("\nextraction per detector (CPU, one thread; RetinaFace: random weights following Haar's boxes):",
               flush=True)
