@@ -564,10 +564,9 @@ def report_decoding(video: str, decoding: Decoding, log=None) -> None:
 
 #: Rows of a FACES table held in memory before they are written out as one parquet row group
 #: (:class:`FacesWriter`), whatever the length of the video. A row is about 600 bytes in polars and
-#: arrow (most of it the ``detector`` JSON), copied a few times on its way to the file: the peak of a
-#: 15,000-frame Haar extraction was 4 MiB higher with 2,048 rows and 8 MiB with 4,096 than with
-#: 1,024 (one run each). Smaller groups make the table larger on disk (13 bytes per row instead of
-#: 7 at 4,096), which is nothing next to a crop (kilobytes).
+#: arrow (most of it the ``detector`` JSON), copied a few times on its way to the file, so a group
+#: of 1,024 rows costs a few MB at its peak. Smaller groups make the table larger on disk (about 13
+#: bytes per row instead of 7 with 4,096), which is nothing next to a crop (kilobytes).
 ROW_GROUP_ROWS = 1024
 
 
