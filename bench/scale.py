@@ -36,7 +36,8 @@ frames; from CPU time, wall time printed beside it: the machine is shared), and 
 frame for faces, shards and predictions.
 
 ``--extract`` measures ``python -m ferflow.extract video`` (OpenCV's Haar cascade at 160x120 on a
-generated 160x120 video of the demo face) at 1,000 and 54,000 frames (30 minutes at 30 fps).
+generated 160x120 video of the demo face) at 1,000 and 54,000 frames (30 minutes at 30 fps): its
+peak memory should not grow with the video's length (printed: the difference, per added frame).
 ``--extract-detectors retinaface mtcnn haar`` (``--extract-detector-frames N``, default 1000)
 measures it per detector on a 1280x720 video, detected at 640 every 5th frame (the defaults), on the
 CPU with one thread: MTCNN and Haar through ``python -m ferflow.extract video``; RetinaFace
@@ -768,8 +769,10 @@ def main(argv=None) -> int:
             if not args.keep:
                 shutil.rmtree(base / "extract", ignore_errors=True)
         (a, ca), (b, cb) = list(extracted.items())[0], list(extracted.items())[-1]
-        print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
-              f"({cb.peak_mib - ca.peak_mib:+.0f} MiB); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
+        if b != a:
+            print(f"  peak memory {cb.peak_mib:.0f} MiB at {b} frames vs {ca.peak_mib:.0f} MiB at {a} "
+                  f"({cb.peak_mib - ca.peak_mib:+.0f} MiB, {(cb.peak_mib - ca.peak_mib) * 2**20 / (b - a):+.0f} bytes "
+                  f"per added frame); CPU exponent {growth_exponent([a, b], [ca.cpu_s, cb.cpu_s]):.2f}")
     if args.extract_detectors:
         print("\nextraction per detector (CPU, one thread; RetinaFace: random weights following Haar's boxes):",
               flush=True)

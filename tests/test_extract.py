@@ -80,7 +80,7 @@ def video(tmp_path):
 def run(video, tmp_path, persons, **kw):
     det = FakeDetector()
     table = extract.extract_video(video, persons, ExtractSettings(detector="haar", detect_batch=8, **kw), det,
-                                  str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+                                  str(tmp_path / "u.tar"), str(tmp_path / "u.parquet")).table()
     return table, det
 
 
@@ -159,7 +159,8 @@ def test_image_chunk_crops_given_boxes_and_counts_bad_ones(tmp_path):
         "box_x1": [r[1][2] for r in rows], "box_y1": [r[1][3] for r in rows], "drop": None,
         "expr_status": "usable", "va_status": None,
     }, schema=MANIFEST)
-    table = extract.extract_images(manifest, "chunk000", ExtractSettings(), str(tmp_path / "c.tar"), str(tmp_path / "c.parquet"))
+    table = extract.extract_images(manifest, "chunk000", ExtractSettings(), str(tmp_path / "c.tar"),
+                                   str(tmp_path / "c.parquet")).table()
     assert table.sort("frame")["status"].to_list() == ["provided", "provided", "unreadable", "bad_box", "bad_box"]
     with tarfile.open(tmp_path / "c.tar") as tar:
         assert tar.getnames() == ["chunk000/000000.jpg", "chunk000/000001.jpg"]
@@ -364,7 +365,7 @@ def extract_haar(path, tmp_path, haar, persons, **kw):
     settings = ExtractSettings(detector="haar", **kw)
     tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
     return extract.extract_video(str(path), persons, settings, haar, str(tmp_path / f"{tag}.tar"),
-                                 str(tmp_path / f"{tag}.parquet")).sort("video", "frame")
+                                 str(tmp_path / f"{tag}.parquet")).table().sort("video", "frame")
 
 
 def boxes_of(table, video):
@@ -526,7 +527,7 @@ def test_undecodable_frame_is_its_own_row_and_later_frames_keep_theirs(tmp_path,
     path = broken_video(tmp_path)
     det = EveryFrameFace()
     table = extract.extract_video(str(path), {"broken": ""}, ExtractSettings(detector="haar", detect_every=5),
-                                  det, str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+                                  det, str(tmp_path / "u.tar"), str(tmp_path / "u.parquet")).table()
     assert 10 not in det.calls
     t = table.sort("frame")
     assert t["frame"].to_list() == list(range(20)) and set(t["n_frames"]) == {20}
@@ -545,7 +546,7 @@ def test_long_run_of_undecodable_frames_gives_up_loudly(tmp_path, monkeypatch, c
     assert [i for i, _ in extract.read_frames(str(path), decoding=decoding)] == list(range(8))
     assert (decoding.failed, decoding.gave_up, decoding.n_frames) == ([8, 9, 10, 11], 12, 20)
     table = extract.extract_video(str(path), {"broken": ""}, ExtractSettings(detector="haar", detect_every=1),
-                                  EveryFrameFace(), str(tmp_path / "u.tar"), str(tmp_path / "u.parquet"))
+                                  EveryFrameFace(), str(tmp_path / "u.tar"), str(tmp_path / "u.parquet")).table()
     status = dict(zip(table["frame"], table["status"]))
     assert sorted(status) == list(range(20))
     assert [f for f, s in sorted(status.items()) if s == "undecodable"] == list(range(8, 20))
@@ -649,3 +650,80 @@ def test_unsettled_frames_lie_between_a_short_track_and_its_neighbours():
     assert faces.unsettled_frames(dets, "", 640, 30, min_frames=3) == set()
     tracks = faces.person_tracks(dets, "", 640, 30)
     assert sorted((t.first, t.last) for t in tracks) == [(0, 40), (23, 27)]
+
+
+# ---- memory that does not grow with the video's length ----------------------------------------------
+def _face_row(x0, side=20.0):
+    return np.r_[[x0, 10.0, x0 + side, 10.0 + side], 0.9, np.full(10, np.nan)].astype(np.float32)
+
+
+def test_box_plan_interpolates_same_track_and_leaves_the_rest_to_detect_again():
+    # detected frames 0, 4, 8, 12, 16; the person's box: track 0 on 0 and 4, track 1 on 8 and 16, none on 12
+    chosen = {0: (_face_row(0.0), 0), 4: (_face_row(4.0), 0), 8: (_face_row(80.0), 1), 16: (_face_row(96.0), 1)}
+    plan, redetect = extract.plan_boxes([0, 4, 8, 12, 16], chosen, max_jump_iou=0.3)
+    assert redetect == {5, 6, 7, 9, 10, 11, 13, 14, 15}  # another track; no box on one side
+    expected = {0: ("detected", 0.0), 1: ("interpolated", 1.0), 2: ("interpolated", 2.0),
+                3: ("interpolated", 3.0), 4: ("detected", 4.0), 8: ("detected", 80.0), 16: ("detected", 96.0)}
+    for i in range(-2, 20):
+        status, row = plan.at(i)
+        if i in expected:
+            assert (status, float(row[0])) == expected[i], i
+            assert float(row[2] - row[0]) == 20.0 and np.isnan(row[5:]).all()
+        else:
+            assert (status, row) == ("missing", None), i
+    assert [(f, s, float(r[0])) for f, (s, r) in plan.items()] == [(f, *expected[f]) for f in sorted(expected)]
+
+
+class StillFace:
+    """One face at the same place on every frame (a cheap detector: no image is looked at)."""
+
+    name = "still"
+
+    def __call__(self, frames):
+        return [_face_row(12.0, 32.0)[None] for _ in frames]
+
+
+def _peak_bytes(path, tmp_path):
+    """tracemalloc's peak of the Python allocations of one extract_video call (bytes above the start)."""
+    import tracemalloc
+
+    settings = ExtractSettings(detector="haar", detect_every=10, crop_size=32)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        done = extract.extract_video(str(path), {"v": ""}, settings, StillFace(), str(tmp_path / "v.tar"),
+                                     str(tmp_path / "v.parquet"))
+        return tracemalloc.get_traced_memory()[1] - start, done
+    finally:
+        tracemalloc.stop()
+
+
+def test_extraction_memory_does_not_grow_with_the_video_length(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(extract, "ROW_GROUP_ROWS", 64)
+    n = 300
+    paths = {}
+    for frames in (50, n, 4 * n):
+        paths[frames] = tmp_path / f"v{frames}.avi"
+        vw = cv2.VideoWriter(str(paths[frames]), cv2.VideoWriter_fourcc(*"MJPG"), 30, (64, 48))
+        for _ in range(frames):
+            vw.write(np.full((48, 64, 3), 128, np.uint8))
+        vw.release()
+    _peak_bytes(paths[50], tmp_path)  # first call: lazy imports and caches, not measured
+    peak = {}
+    for frames in (n, 4 * n):
+        peak[frames], done = _peak_bytes(paths[frames], tmp_path)
+        # the table on disk has every frame, in row groups of 64 rows: it was written as the video was read
+        t = read_table(done.path, FACES_FULL)
+        assert t["frame"].to_list() == list(range(frames))
+        assert t["status"].to_list() == ["detected" if i % 10 == 0 or i == frames - 1 else "interpolated"
+                                         for i in range(frames)]
+        assert done.rows == frames and done.counts == dict(t.group_by("status").len().iter_rows())
+        assert pq.ParquetFile(done.path).num_row_groups == -(-frames // 64)
+    # the rows, the per-frame box plan and the tar's member list kept about 1 kB per frame (950 bytes
+    # measured before they were made bounded); what is left grows per detection (every 10th frame)
+    per_frame = (peak[4 * n] - peak[n]) / (3 * n)
+    print(f"\nPython peak {peak[n] / 1e3:.0f} kB at {n} frames, {peak[4 * n] / 1e3:.0f} kB at {4 * n}: "
+          f"{per_frame:.0f} bytes per added frame")
+    assert per_frame < 200

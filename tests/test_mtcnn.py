@@ -174,7 +174,8 @@ def carphone_run(tmp_path_factory, detector):
     video = str(sample_video("carphone_pristine"))
     _, _, dets = extract.track_video(video, {"carphone": ""}, settings, cached)  # every face on every frame detected
     cached.frames = 0
-    table = extract.extract_video(video, {"carphone": ""}, settings, cached, str(tmp / "c.tar"), str(tmp / "c.parquet"))
+    table = extract.extract_video(video, {"carphone": ""}, settings, cached, str(tmp / "c.tar"),
+                                  str(tmp / "c.parquet")).table()
     with tarfile.open(tmp / "c.tar") as tar:
         crops = {m.name: cv2.imdecode(np.frombuffer(tar.extractfile(m).read(), np.uint8), cv2.IMREAD_COLOR)
                  for m in tar.getmembers()}
@@ -274,7 +275,7 @@ def extract_sample(name: str, detector, tmp_path):
     n = len(decode_all(path))
     settings = ExtractSettings(detector="mtcnn", min_score=MIN_SCORE, device="cpu")
     table = extract.extract_video(str(path), {name: ""}, settings, detector, str(tmp_path / f"{name}.tar"),
-                                  str(tmp_path / f"{name}.parquet"))
+                                  str(tmp_path / f"{name}.parquet")).table()
     return table, n, settings
 
 

@@ -18,7 +18,9 @@ only decoded to count its frames. Images (``images`` mode): the given boxes are 
 Output: ``<unit>.tar`` with JPEGs named ``<video>/<frame:06d>.jpg`` and ``<unit>.parquet``
 (schema ``FACES_FULL``: ``FACES`` + landmarks, crop kind and the detector settings as JSON) with
 one row per person and decoded frame, including frames without a face (status ``missing``):
-nothing is silently dropped.
+nothing is silently dropped. The table is written in row groups while the frames are read
+(:func:`faces_writer`) and a video's boxes are kept per detected frame (:class:`BoxPlan`), so a
+job's memory does not grow with the length of its video (docs/running.md, "Sizing").
 
     python -m ferflow.extract video --video V.mp4 --person V_left=left --person V_right=right \\
         --settings '{"detector": "haar"}' --out-tar results/faces/S/V.tar --out-table results/faces/S/V.parquet
@@ -53,7 +55,7 @@ from .atomic import atomic_path
 from .inputcheck import fail, json_option, prog_of, require_inputs
 from .detect import detector_settings
 from .faces import align_face, choose_track, crop_face, encode_jpeg, interpolate_boxes, iou, link_tracks, unsettled_frames
-from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, read_table, write_table
+from .schemas import FACES_FULL, LANDMARK_POINTS, MANIFEST, conform, read_table
 
 LANDMARK_COLUMNS = [f"{p}_{c}" for p in LANDMARK_POINTS for c in "xy"]
 
@@ -308,9 +310,48 @@ def detect_keyframes(video: str, detector, every: int, batch_size: int, decoding
     return dets, decoding.n_frames, width
 
 
+@dataclass
+class BoxPlan:
+    """One person's (or track's) box on every frame, kept per detected frame only.
+
+    ``frames``: int64 (M,), the detected frames where it has a box, ascending; ``rows``: their
+    detection rows (:mod:`ferflow.detect`) stacked, (M, 15) in the detector's dtype (a list of M
+    arrays when their lengths or dtypes differ); ``interpolated``: bool (M,), True where the frames
+    strictly between ``frames[j]`` and ``frames[j + 1]`` get boxes interpolated between the two rows
+    (:func:`ferflow.faces.interpolate_boxes`). A frame's box is computed when asked for
+    (:meth:`at`), so the plan of a video holds nothing per frame, only per detection.
+    """
+
+    frames: np.ndarray
+    rows: np.ndarray | list[np.ndarray]
+    interpolated: np.ndarray
+
+    def at(self, i: int) -> tuple[str, np.ndarray | None]:
+        """``(status, row)`` of frame ``i``: ``detected`` | ``interpolated`` with its row, else
+        ``("missing", None)``."""
+        j = int(np.searchsorted(self.frames, i, side="right")) - 1
+        if j < 0:
+            return "missing", None
+        a = int(self.frames[j])
+        if a == i:
+            return "detected", self.rows[j]
+        if self.interpolated[j]:
+            return "interpolated", interpolate_boxes(a, self.rows[j], int(self.frames[j + 1]), self.rows[j + 1], i)
+        return "missing", None
+
+    def items(self) -> Iterator[tuple[int, tuple[str, np.ndarray]]]:
+        """``(frame, (status, row))`` of every frame with a box, in frame order."""
+        for j, a in enumerate(self.frames.tolist()):
+            yield a, ("detected", self.rows[j])
+            if self.interpolated[j]:
+                b = int(self.frames[j + 1])
+                for i in range(a + 1, b):
+                    yield i, ("interpolated", interpolate_boxes(a, self.rows[j], b, self.rows[j + 1], i))
+
+
 def plan_boxes(detected: list[int], chosen: dict[int, tuple[np.ndarray, int]], max_jump_iou: float
-               ) -> tuple[dict[int, tuple[str, np.ndarray]], set[int]]:
-    """Boxes for the frames between the ``detected`` ones, and the frames to detect again.
+               ) -> tuple[BoxPlan, set[int]]:
+    """Boxes for the frames between the ``detected`` ones (sorted), and the frames to detect again.
 
     ``chosen``: the person's ``(row, track)`` on detected frames. Between consecutive detected
     frames ``a < b``: interpolated when both have a box of the same track overlapping by at least
@@ -318,9 +359,9 @@ def plan_boxes(detected: list[int], chosen: dict[int, tuple[np.ndarray, int]], m
     or jumped; left alone when neither has a box, unless both lie inside the life of one chosen
     track (the face is being followed but was missed on both).
     """
-    boxes: dict[int, tuple[str, np.ndarray]] = {i: ("detected", row) for i, (row, _) in chosen.items()}
-    redetect: set[int] = set()
     have = sorted(chosen)
+    interpolated = np.zeros(len(have), bool)
+    redetect: set[int] = set()
     for a, b in zip(detected, detected[1:]):
         if b - a <= 1:
             continue
@@ -334,11 +375,13 @@ def plan_boxes(detected: list[int], chosen: dict[int, tuple[np.ndarray, int]], m
             continue
         if (ca is not None and cb is not None and ca[1] == cb[1]
                 and iou(ca[0][None], cb[0])[0] >= max_jump_iou):
-            for i in range(a + 1, b):
-                boxes[i] = ("interpolated", interpolate_boxes(a, ca[0], b, cb[0], i))
+            interpolated[bisect.bisect_left(have, a)] = True  # a and b are consecutive in `have` too
         else:
             redetect.update(range(a + 1, b))
-    return boxes, redetect
+    rows = [chosen[f][0] for f in have]
+    if len({(r.shape, r.dtype) for r in rows}) == 1:
+        rows = np.stack(rows)  # one array, not one per detection (values and dtype unchanged)
+    return BoxPlan(np.array(have, np.int64), rows, interpolated), redetect
 
 
 def link_gap(every: int) -> int:
@@ -369,8 +412,8 @@ def detector_batch(settings: ExtractSettings, detector) -> int:
 
 def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
                 decoding: Decoding | None = None
-                ) -> tuple[dict[str, dict[int, tuple[str, np.ndarray]]], int, dict[int, np.ndarray]]:
-    """Every person's boxes per frame, the frame count, and the detections made (per frame).
+                ) -> tuple[dict[str, BoxPlan], int, dict[int, np.ndarray]]:
+    """Every person's boxes (:class:`BoxPlan`), the frame count, and the detections made (per frame).
 
     Frames that do not decode are never asked for again; a track shorter than the minimum
     (:func:`min_track_frames`) has the frames between it and the detected frames next to it
@@ -384,7 +427,7 @@ def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, 
     shortest = min_track_frames(settings, decoding.fps)
     undecodable = set(decoding.failed) | set(range(decoding.end, n_frames))
     while True:
-        plans: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+        plans: dict[str, BoxPlan] = {}
         need: set[int] = set()
         detected = sorted(dets)
         for name, person in persons.items():
@@ -401,7 +444,7 @@ def track_video(video: str, persons: dict[str, str], settings: ExtractSettings, 
 
 
 def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: int = 3
-                    ) -> tuple[list[dict[int, tuple[str, np.ndarray]]], int, dict[int, np.ndarray]]:
+                    ) -> tuple[list[BoxPlan], int, dict[int, np.ndarray]]:
     """Every face of ``video`` followed along it: one plan per track, the frame count, the detections.
 
     Detection, linking and interpolation are those of :func:`track_video`, applied to every track
@@ -409,8 +452,8 @@ def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: 
     :func:`ferflow.faces.link_tracks`, tracks with fewer than ``min_track`` detections (one-off
     false detections; lowered for very short videos) left out, and each track's boxes planned by
     :func:`plan_boxes` (interpolated, or the frames detected again where it starts, ends or jumps)
-    until no frame is left to detect. A plan is ``{frame: (status, row)}`` with status
-    ``detected`` | ``interpolated`` and ``row`` as in :mod:`ferflow.detect`. Tracks are ordered by
+    until no frame is left to detect. A plan is a :class:`BoxPlan` (``items()``: ``(frame,
+    (status, row))`` in frame order, status ``detected`` | ``interpolated``). Tracks are ordered by
     their first frame, then by the left edge of their first box, so the index is a stable track id.
     Raises :class:`VideoError` when the video cannot be opened.
     """
@@ -422,12 +465,12 @@ def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: 
         tracks = [t for t in link_tracks(dets, link_gap(k)) if len(t.frames) >= need_dets]
         tracks.sort(key=lambda t: (t.first, float(t.rows[0][0])))
         detected = sorted(dets)
-        plans: list[dict[int, tuple[str, np.ndarray]]] = []
+        plans: list[BoxPlan] = []
         need: set[int] = set()
         for track in tracks:
             plan, redetect = plan_boxes(detected, {f: (row, 0) for f, row in zip(track.frames, track.rows)},
                                         settings.max_jump_iou)
-            plans.append(dict(sorted(plan.items())))
+            plans.append(plan)
             need |= redetect
         need.difference_update(dets)
         if not need:
@@ -436,39 +479,44 @@ def track_all_faces(video: str, settings: ExtractSettings, detector, min_track: 
 
 
 def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings, detector,
-                  out_tar: str, out_table: str) -> pl.DataFrame:
+                  out_tar: str, out_table: str) -> Extracted:
     """Extract the faces of each annotated person (``{annotation name: side}``) of one video.
 
     One row per person and frame ``0 .. n_frames - 1`` (:attr:`Decoding.n_frames`); a frame that
     does not decode has status ``undecodable`` (the shard stage's ``unreadable_frame``), and the
     frames after it keep their index. No frame decoded: an empty table.
+
+    Memory does not grow with the video's length, only with its detections: the boxes are planned
+    per detected frame (:class:`BoxPlan`) and interpolated as the frames are read again, and the rows
+    are written in row groups as they come (:func:`faces_writer`). Returns what was written
+    (:class:`Extracted`), not the rows.
     """
     problem = f"{video}: no frame decoded"
     decoding = Decoding()
     try:
         plans, n_frames, _ = track_video(video, persons, settings, detector, decoding)
     except VideoError as exc:
-        plans, n_frames, problem = {name: {} for name in persons}, 0, str(exc)
+        plans, n_frames, problem = {}, 0, str(exc)
     if n_frames == 0:  # an empty table: the shard stage counts the annotated frames as unreadable_video
         print(f"{problem}; its annotated frames are counted as unreadable_video", file=sys.stderr)
     else:
         report_decoding(video, decoding)
     described = settings_json(detector_settings(detector), asdict(settings))
-    rows = _rows()
+    next_frame = 0
 
     def undecodable(upto: int) -> None:
         for j in range(next_frame, upto):
             for name in persons:
-                _append(rows, video=name, frame=j, status="undecodable", box=None, member=None,
-                        n_frames=n_frames, crop=None, detector=described)
+                rows.add(video=name, frame=j, status="undecodable", box=None, member=None,
+                         n_frames=n_frames, crop=None, detector=described)
 
-    next_frame = 0
-    with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with (faces_writer(out_table) as rows, atomic_path(out_tar) as tmp,
+          tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar):
         for i, frame in (prefetch(read_frames(video)) if n_frames else iter(())):
             undecodable(i)
             next_frame = i + 1
             for name in persons:
-                status, box = plans[name].get(i, ("missing", None))
+                status, box = plans[name].at(i)
                 member = kind = None
                 if box is not None:
                     crop = align_face(frame, box[5:15], settings.margin, settings.crop_size) if settings.align else None
@@ -477,10 +525,10 @@ def extract_video(video: str, persons: dict[str, str], settings: ExtractSettings
                         crop = crop_face(frame, box, settings.margin, settings.crop_size)
                     member = f"{name}/{i:06d}.jpg"
                     _add_member(tar, member, encode_jpeg(crop, settings.jpeg_quality))
-                _append(rows, video=name, frame=i, status=status, box=box, member=member, n_frames=n_frames,
-                        crop=kind, detector=described)
+                rows.add(video=name, frame=i, status=status, box=box, member=member, n_frames=n_frames,
+                         crop=kind, detector=described)
         undecodable(n_frames)
-    return _write(rows, out_table)
+    return Extracted(str(out_table), rows.rows, rows.counts)
 
 
 def _spans(frames: list[int]) -> str:
@@ -514,41 +562,107 @@ def report_decoding(video: str, decoding: Decoding, log=None) -> None:
         print(f"{video}: {decoding.end} frames decoded, the container states {decoding.container}", file=log)
 
 
-def _rows() -> dict[str, list]:
-    return {c: [] for c in FACES_FULL}
+#: Rows of a FACES table held in memory before they are written out as one parquet row group
+#: (:class:`FacesWriter`), whatever the length of the video. A row is about 600 bytes in polars and
+#: arrow (most of it the ``detector`` JSON), copied a few times on its way to the file, so a group
+#: of 1,024 rows costs a few MB at its peak. Smaller groups make the table larger on disk (about 13
+#: bytes per row instead of 7 with 4,096), which is nothing next to a crop (kilobytes).
+ROW_GROUP_ROWS = 1024
 
 
-def _write(rows: dict[str, list], out_table: str) -> pl.DataFrame:
-    table = pl.DataFrame(rows, schema=FACES_FULL)
-    write_table(table, out_table, FACES_FULL)
-    return table
+@dataclass(frozen=True)
+class Extracted:
+    """What one extraction job wrote: its FACES_FULL table (``path``), its ``rows`` and the rows per
+    ``status`` (``counts``). The rows themselves are on disk only (a 30-minute video has 54,000 per
+    person); :meth:`table` reads them back."""
+
+    path: str
+    rows: int
+    counts: dict[str, int]
+
+    def table(self) -> pl.DataFrame:
+        """The written table, read back (:func:`ferflow.schemas.read_table` with FACES_FULL)."""
+        return read_table(self.path, FACES_FULL)
 
 
-def _finite(v) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
+_BOX_COLUMNS = ["x0", "y0", "x1", "y1", "score", *LANDMARK_COLUMNS]  # a detection row's values, in order
+_OTHER_COLUMNS = [c for c in FACES_FULL if c not in _BOX_COLUMNS]
 
 
-def _append(rows, *, video, frame, status, box, member, n_frames, crop, detector):
-    rows["video"].append(video)
-    rows["frame"].append(frame)
-    rows["status"].append(status)
-    for j, c in enumerate(("x0", "y0", "x1", "y1", "score")):
-        rows[c].append(None if box is None else _finite(box[j]))
-    for j, c in enumerate(LANDMARK_COLUMNS, start=5):
-        rows[c].append(None if box is None or len(box) <= j else _finite(box[j]))
-    rows["member"].append(member)
-    rows["n_frames"].append(n_frames)
-    rows["crop"].append(crop)
-    rows["detector"].append(detector)
+class FacesWriter:
+    """Writes a FACES_FULL table row by row, in parquet row groups of :data:`ROW_GROUP_ROWS` rows,
+    so that the rows are never all in memory. Use :func:`faces_writer`.
+
+    The boxes and landmarks of the rows held are kept in one float32 array (not a Python float per
+    value); NaN and infinite values are written as null, as are the columns a row does not have.
+    """
+
+    def __init__(self, writer, where: str):
+        self._writer, self._where = writer, where
+        self._held = {c: [] for c in _OTHER_COLUMNS}
+        self._boxes = np.full((ROW_GROUP_ROWS, len(_BOX_COLUMNS)), np.nan, np.float32)
+        self.rows = 0
+        self.counts: dict[str, int] = {}
+
+    def add(self, *, video, frame, status, box, member, n_frames, crop, detector) -> None:
+        """One row; ``box`` is a detection row (box, score, landmarks; fewer columns: null) or None."""
+        held = self._held
+        k = len(held["frame"])
+        self._boxes[k] = np.nan
+        if box is not None:
+            w = min(len(box), self._boxes.shape[1])
+            self._boxes[k, :w] = box[:w]
+        for c, v in (("video", video), ("frame", frame), ("status", status), ("member", member),
+                     ("n_frames", n_frames), ("crop", crop), ("detector", detector)):
+            held[c].append(v)
+        self.rows += 1
+        self.counts[status] = self.counts.get(status, 0) + 1
+        if k + 1 == len(self._boxes):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held as one row group (checked against FACES_FULL, as write_table does)."""
+        k = len(self._held["frame"])
+        if not k:
+            return
+        boxes = self._boxes[:k]
+        boxes = np.where(np.isfinite(boxes), boxes, np.nan)
+        columns = {**{c: pl.Series(c, v, dtype=FACES_FULL[c]) for c, v in self._held.items()},
+                   **{c: pl.Series(c, boxes[:, j], dtype=pl.Float32, nan_to_null=True)
+                      for j, c in enumerate(_BOX_COLUMNS)}}
+        table = conform(pl.DataFrame(columns).select(list(FACES_FULL)), FACES_FULL, self._where)
+        self._writer.write_table(table.to_arrow())
+        self._held = {c: [] for c in _OTHER_COLUMNS}
+
+
+@contextlib.contextmanager
+def faces_writer(out_table: str) -> Iterator[FacesWriter]:
+    """A :class:`FacesWriter` into the atomic temporary path of ``out_table`` (zstd, as
+    :func:`ferflow.schemas.write_table` writes), renamed over it when the block ends without an
+    exception; no row added: a valid table with no rows.
+
+    pyarrow's ParquetWriter, since polars writes a parquet file from one whole DataFrame only;
+    imported here, not by the module (34 MB of memory once loaded, that only the writing job needs).
+    """
+    import pyarrow.parquet as pq
+
+    schema = pl.DataFrame(schema=FACES_FULL).to_arrow().schema
+    with atomic_path(out_table) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        faces = FacesWriter(writer, str(out_table))
+        yield faces
+        faces.flush()
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one file to a tar being written (mtime 0, mode 644)."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
+    # TarFile keeps every member's TarInfo for getmembers(), which a writer never calls: 330 bytes
+    # per crop (tracemalloc), i.e. per frame of a video; drop them (the headers are already written)
+    tar.members.clear()
 
 
 def read_image(path: str) -> np.ndarray | None:
@@ -619,7 +733,7 @@ def _cropped_jpeg(path: Path, size: int, quality: int) -> bytes | None:
 
 
 def extract_cropped(folders: dict[str, str], n_frames: int | None, settings: ExtractSettings, out_tar: str,
-                    out_table: str, log=sys.stderr) -> pl.DataFrame:
+                    out_table: str, log=sys.stderr) -> Extracted:
     """Aff-Wild2's own crops for each annotation name (``{name: folder}``) of one video.
 
     One row per person and frame ``0..n_frames-1``: ``provided`` (file found and readable),
@@ -630,8 +744,8 @@ def extract_cropped(folders: dict[str, str], n_frames: int | None, settings: Ext
     described = settings_json(
         {"name": "cropped_aligned", "folders": {k: str(v) for k, v in sorted(folders.items())}},
         {"crop_size": settings.crop_size, "jpeg_quality": settings.jpeg_quality})
-    rows = _rows()
-    with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with (faces_writer(out_table) as rows, atomic_path(out_tar) as tmp,
+          tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar):
         for name, folder in folders.items():
             if n_frames is None:
                 break
@@ -651,21 +765,21 @@ def extract_cropped(folders: dict[str, str], n_frames: int | None, settings: Ext
                 member = f"{name}/{i:06d}.jpg" if data is not None else None
                 if member:
                     _add_member(tar, member, data)
-                _append(rows, video=name, frame=i, status=status, box=None, member=member, n_frames=n_frames,
-                        crop="cropped_aligned" if member else None, detector=described)
-    return _write(rows, out_table)
+                rows.add(video=name, frame=i, status=status, box=None, member=member, n_frames=n_frames,
+                         crop="cropped_aligned" if member else None, detector=described)
+    return Extracted(str(out_table), rows.rows, rows.counts)
 
 
 # ---- image datasets ----------------------------------------------------------------------------
 def extract_images(manifest: pl.DataFrame, unit: str, settings: ExtractSettings, out_tar: str,
-                   out_table: str) -> pl.DataFrame:
-    """Crop the given boxes of one chunk of an image source."""
-    rows = _rows()
+                   out_table: str) -> Extracted:
+    """Crop the given boxes of one chunk of an image source; what was written (:class:`Extracted`)."""
     described = settings_json({"name": "given_boxes"}, {"margin": settings.margin, "crop_size": settings.crop_size,
                                                          "jpeg_quality": settings.jpeg_quality})
     todo = manifest.filter((pl.col("unit") == unit) & pl.col("drop").is_null()).sort("frame")
     n = todo.height
-    with atomic_path(out_tar) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+    with (faces_writer(out_table) as rows, atomic_path(out_tar) as tmp,
+          tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar):
         for r in todo.iter_rows(named=True):
             box = None if r["box_x0"] is None else np.array(
                 [r["box_x0"], r["box_y0"], r["box_x1"], r["box_y1"], 1.0], np.float32)
@@ -685,10 +799,10 @@ def extract_images(manifest: pl.DataFrame, unit: str, settings: ExtractSettings,
                     member = f"{r['video']}/{r['frame']:06d}.jpg"
                     crop = crop_face(image, box, settings.margin, settings.crop_size)
                     _add_member(tar, member, encode_jpeg(crop, settings.jpeg_quality))
-            _append(rows, video=r["video"], frame=r["frame"], status=status,
-                    box=box if status in ("provided", "bad_box") else None, member=member, n_frames=n,
-                    crop="square" if member else None, detector=described)
-    return _write(rows, out_table)
+            rows.add(video=r["video"], frame=r["frame"], status=status,
+                     box=box if status in ("provided", "bad_box") else None, member=member, n_frames=n,
+                     crop="square" if member else None, detector=described)
+    return Extracted(str(out_table), rows.rows, rows.counts)
 
 
 #: the sides a --person may name: the main face (empty), or a person of a two-person video
@@ -763,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
                 # one detection shape per video (MTCNN's R- and O-Net batches change size every call)
                 torch.backends.cudnn.benchmark = True
             detector = make_detector(settings, str(device) if device is not None else None)
-            table = extract_video(args.video, persons, settings, detector, args.out_tar, args.out_table)
+            written = extract_video(args.video, persons, settings, detector, args.out_tar, args.out_table)
         what = args.video
     elif args.mode == "cropped":
         persons = _persons(args.person)
@@ -783,15 +897,14 @@ def main(argv: list[str] | None = None) -> int:
                 n_frames = None
         else:
             n_frames = args.n_frames
-        table = extract_cropped(folders, n_frames, settings, args.out_tar, args.out_table)
+        written = extract_cropped(folders, n_frames, settings, args.out_tar, args.out_table)
         what = f"{args.video or ''} cropped_aligned {sorted(folders.values())}"
     else:
         manifest = read_table(args.manifest, MANIFEST)
-        table = extract_images(manifest, args.unit, settings, args.out_tar, args.out_table)
+        written = extract_images(manifest, args.unit, settings, args.out_tar, args.out_table)
         what = f"{args.manifest} [{args.unit}]"
-    counts = dict(table.group_by("status").len().iter_rows())
     dt = time.perf_counter() - t0
-    print(f"{what}: {table.height} rows in {dt:.1f} s, {counts}; settings {asdict(settings)}", file=sys.stderr)
+    print(f"{what}: {written.rows} rows in {dt:.1f} s, {dict(sorted(written.counts.items()))}; settings {asdict(settings)}", file=sys.stderr)
     return 0
 
 
