@@ -458,8 +458,8 @@ def index_mem_mb(wildcards):
     return int(1000 + INDEX_MB_PER_INPUT_MB.get(src["kind"], 60) * files_mb(files))
 
 
-# shards: peak memory per MB of manifests (2.87 GB measured for 3.2M rows in 11.7 MB of parquet at
-# full size: 160/MB); disk: the shards are a copy of the crops (1565 vs 1490 bytes per sample
+# shards: peak memory per MB of manifests (2.85 GB measured for 3.2M rows in 11.7 MB of parquet at
+# full size: 245/MB); disk: the shards are a copy of the crops (1565 vs 1490 bytes per sample
 # measured), plus labels and accounting.
 SHARDS_MB_PER_MANIFEST_MB = 250
 
@@ -485,8 +485,8 @@ def shards_runtime(wildcards, input):
     return int(10 + 2 * seconds / 60)
 
 
-# evaluation: peak memory per MB of prediction files and accounting (3.0 GB measured for 6 variants
-# of 3M scored frames, about 700 MB of predictions and accounting: 2.9/MB).
+# evaluation: peak memory per MB of prediction files and accounting (1.4 GB measured for 6 variants
+# of 3M scored frames, about 700 MB of predictions and accounting: 2/MB; asked: twice that).
 EVAL_MB_PER_INPUT_MB = 4
 
 
@@ -499,12 +499,12 @@ def evaluate_mem_mb(wildcards, input):
 # cost). Measured per detector on a 1280x720 video detected at 640, every 5th frame, CPU, one thread
 # (threads: 1 in the rule): decoding every frame, the detector on ~0.21 frames per frame (keyframes and
 # re-detections), cropping and JPEG-writing every frame. Measured 2026-11-30 on the 2-CPU VM: CPU ms
-# per frame / peak MiB: RetinaFace ResNet-50 148 / 1042, MTCNN 40 / 1192, Haar 33 / 195. On a GPU the
+# per frame / peak MiB: RetinaFace ResNet-50 149 / 1070, MTCNN 43 / 1277, Haar 32 / 191. On a GPU the
 # detection is far cheaper; these CPU figures are then an upper bound (no GPU was measured).
 # The cropped_aligned faces of Aff-Wild2 (no detection) were not measured apart: the Haar figures, an
 # upper bound.
-EXTRACT_CPU_S_PER_FRAME = {"retinaface": 0.15, "mtcnn": 0.04, "haar": 0.035, "cropped": 0.035}
-EXTRACT_PEAK_MB = {"retinaface": 1050, "mtcnn": 1200, "haar": 200, "cropped": 200}
+EXTRACT_CPU_S_PER_FRAME = {"retinaface": 0.15, "mtcnn": 0.045, "haar": 0.035, "cropped": 0.035}
+EXTRACT_PEAK_MB = {"retinaface": 1100, "mtcnn": 1300, "haar": 200, "cropped": 200}
 EXTRACT_CROP_KB = 20  # disk per crop: 224 px JPEG at quality 90 (16-17 kB measured) and its table row
 EXTRACT_DEFAULT_FRAMES = 54000  # a unit whose length cannot be read yet: 30 minutes at 30 fps
 
