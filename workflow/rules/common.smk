@@ -474,7 +474,8 @@ def shards_disk_mb(wildcards, input):
 
 # shards time: CPU per MB of manifests (403 CPU-s for 11.7 MB at full size on a busy machine, 211
 # alone: 35 s/MB) plus copying the crops, which the 16x16 crops of the bench do not measure: 50 MB/s
-# assumed for the shared filesystem of a cluster (full ABAW3 with 224 px crops: ~30 GB, ~10 minutes).
+# assumed for the shared filesystem of a cluster (full ABAW3 with 224 px crops of 10-17 kB: 30-50 GB,
+# 10-17 minutes).
 SHARDS_CPU_S_PER_MANIFEST_MB = 35
 SHARDS_COPY_MB_PER_S = 50
 
@@ -491,7 +492,7 @@ EVAL_MB_PER_INPUT_MB = 4
 
 
 def evaluate_mem_mb(wildcards, input):
-    return int(1000 + EVAL_MB_PER_INPUT_MB * files_mb([*input.predictions, input.accounting]))
+    return int(1000 + EVAL_MB_PER_INPUT_MB * files_mb([*input.predictions, *input.temporal, input.accounting]))
 
 
 # extraction (extract_video_faces, one job per video): its time grows with the frames of the video, its

@@ -30,8 +30,8 @@ rule evaluate_ensemble:
         "logs/evaluate_ensemble/evaluate_ensemble.log",
     threads: 1
     resources:
-        # from the predictions' and accounting's size (common.smk): 3.0 GB measured for 6 variants of
-        # 3M scored frames, 44 s CPU (bench/scale.py --evaluate-frames 3000000)
+        # from the predictions' and accounting's size (common.smk): 1.4 GB measured for 6 variants of
+        # 3M scored frames, 41 s CPU (bench/scale.py --evaluate-frames 3000000)
         mem_mb=evaluate_mem_mb,
         runtime=60,
     conda:
@@ -71,8 +71,8 @@ rule export_submission:
         "logs/export_submission/export_submission.log",
     threads: 1
     resources:
-        # from the predictions' and accounting's size (common.smk): 3.0 GB measured for 6 variants of
-        # 3M scored frames, 44 s CPU (bench/scale.py --evaluate-frames 3000000)
+        # from the predictions' and accounting's size (common.smk): 1.4 GB measured for 6 variants of
+        # 3M scored frames, 41 s CPU (bench/scale.py --evaluate-frames 3000000)
         mem_mb=evaluate_mem_mb,
         runtime=60,
     conda:
