@@ -745,8 +745,40 @@ def main(argv=None) -> int:
         return 0
     import tempfile
 
+    check_args(ap, args)
     print(load_line(), flush=True)
     base = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="scale-"))
+    try:
+        return run_all(args, base)
+    finally:
+        if not args.work and not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line usage errors (exit 2) for values the bench cannot measure, before anything runs."""
+    for f in args.fractions:
+        if not (math.isfinite(f) and 0 < f <= 1):
+            ap.error(f"--fractions: {f:g} is not a fraction of full size in (0, 1]")
+    for name in ("extract_frames", "evaluate_frames"):
+        for n in getattr(args, name):
+            if n < 1:
+                ap.error(f"--{name.replace('_', '-')}: {n} frames; give at least 1")
+    if args.extract and len(set(args.extract_frames)) < 2:
+        ap.error("--extract-frames: give two different lengths (the growth is measured between them)")
+    if args.extract_detector_frames < 1:
+        ap.error(f"--extract-detector-frames: {args.extract_detector_frames} frames; give at least 1")
+    if args.work and Path(args.work).exists() and not Path(args.work).is_dir():
+        ap.error(f"--work: {args.work} exists and is not a folder")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        ap.error(f"--json: {args.json} is a folder or its folder does not exist")
+    fractions = [f for f in args.fractions if args.max_fraction is None or f <= args.max_fraction]
+    if not (fractions or args.extract or args.extract_detectors or args.evaluate_frames):
+        ap.error("nothing to measure: no fraction is left (--fractions, --max-fraction) and no "
+                 "--extract, --extract-detectors or --evaluate-frames")
+
+
+def run_all(args: argparse.Namespace, base: Path) -> int:
     fractions = [f for f in args.fractions if args.max_fraction is None or f <= args.max_fraction]
     runs = []
     for f in fractions:
@@ -797,8 +829,6 @@ def main(argv=None) -> int:
                                            "costs": {s: vars(c) for s, c in r["costs"].items()}} for r in runs],
             "extract": {n: vars(c) for n, c in extracted.items()},
             "evaluate": {n: vars(c) for n, c in evaluated.items()}}, indent=1) + "\n")
-    if not args.work and not args.keep:
-        shutil.rmtree(base, ignore_errors=True)
     return 0
 
 

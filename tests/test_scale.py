@@ -119,3 +119,30 @@ def test_stages_flag_runs_a_stage_with_what_it_needs():
     assert scale.stages_to_run(["index_expw"]) == index
     with pytest.raises(SystemExit):  # argparse: not a stage
         scale.main(["--stages", "decode"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fractions", "nan"], "--fractions: nan is not a fraction"),
+    (["--fractions", "0"], "--fractions: 0 is not a fraction"),
+    (["--fractions", "-0.01"], "--fractions: -0.01 is not a fraction"),
+    (["--max-fraction", "0"], "nothing to measure"),
+    (["--fractions", "--extract", "--extract-frames", "300"], "give two different lengths"),
+    (["--fractions", "--extract-detectors", "haar", "--extract-detector-frames", "0"], "0 frames; give at least 1"),
+    (["--fractions", "--evaluate-frames", "-5"], "--evaluate-frames: -5 frames"),
+])
+def test_bench_refuses_values_it_cannot_measure_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        scale.main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and message in err.strip().splitlines()[-1], err
+    assert "load average" not in out  # refused before anything ran
+
+
+def test_bench_refuses_a_work_path_that_is_a_file_and_a_json_path_that_is_a_folder(capsys, tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for argv, message in ((["--fractions", "0.01", "--work", str(a_file)], "exists and is not a folder"),
+                          (["--fractions", "0.01", "--json", str(tmp_path)], "is a folder")):
+        with pytest.raises(SystemExit) as exc:
+            scale.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
