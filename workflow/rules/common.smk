@@ -472,8 +472,8 @@ def shards_disk_mb(wildcards, input):
     return int(1000 + 1.2 * files_mb(input.tars))
 
 
-# shards time: CPU per MB of manifests (403 CPU-s for 11.7 MB at full size on a busy machine, 211
-# alone: 35 s/MB) plus copying the crops, which the 16x16 crops of the bench do not measure: 50 MB/s
+# shards time: CPU per MB of manifests (211-283 CPU-s for 11.7 MB at full size alone, 403 on a busy
+# machine: 35 s/MB) plus copying the crops, which the 16x16 crops of the bench do not measure: 50 MB/s
 # assumed for the shared filesystem of a cluster (full ABAW3 with 224 px crops of 10-17 kB: 30-50 GB,
 # 10-17 minutes).
 SHARDS_CPU_S_PER_MANIFEST_MB = 35
@@ -529,9 +529,9 @@ def _container_frames(path):
 
 
 def unit_frames(wildcards):
-    """Frames of the video of an Aff-Wild2 unit, for the resources of its job: the longest of its annotation
-    files (one line per frame, plus a header) or, for a test-list video without one, the count its
-    container states. Before the video exists (a demo video, until make_demo ran), a FileNotFoundError
+    """Frames of the video of an Aff-Wild2 unit, for the resources of its job: the longest of its
+    annotation files (one line per frame, plus a header) or, for a test-list video without one, the
+    count its container states. Before the video exists (a demo video, until make_demo ran), a FileNotFoundError
     naming it, an input of the job: Snakemake then evaluates the resources once it exists."""
     unit = units(wildcards.source)[wildcards.unit]
     if not os.path.exists(unit.video_path):
@@ -550,7 +550,8 @@ def extract_runtime(wildcards):
     """Minutes: twice the measured CPU time of the frames of the unit (slower nodes, busy disks), plus
     10; detecting more often than every 5th frame costs proportionally more."""
     kind = _extract_kind(wildcards)
-    per_frame = EXTRACT_CPU_S_PER_FRAME[kind] * (max(1.0, 5 / config["extract"]["detect_every"]) if kind != "cropped" else 1)
+    more_often = max(1.0, 5 / config["extract"]["detect_every"]) if kind != "cropped" else 1.0
+    per_frame = EXTRACT_CPU_S_PER_FRAME[kind] * more_often
     return int(10 + 2 * unit_frames(wildcards) * per_frame / 60)
 
 
